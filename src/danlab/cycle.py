@@ -1,0 +1,102 @@
+"""The DA loop: one loop for every filter, classical or learned, recording per-cycle statistics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from danlab.filters.base import spread
+from danlab.metrics import combine_ci, mean_with_ci, rmse
+from danlab.rng import BatchRNG
+from danlab.twin import TwinStream
+
+
+@dataclass
+class CycleResult:
+    """Per-cycle statistics, arrays of shape (B, K), and the per-experiment divergence flags."""
+
+    rmse_f: np.ndarray
+    rmse_a: np.ndarray
+    spread_f: np.ndarray
+    spread_a: np.ndarray
+    diverged: np.ndarray  # (B,) bool
+    diverged_at: np.ndarray  # (B,) first diverged cycle, -1 if never
+    burn_in: int
+    wall_s: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def B(self) -> int:
+        return self.rmse_a.shape[0]
+
+    @property
+    def cycles(self) -> int:
+        return self.rmse_a.shape[1]
+
+    def scores(self, rows=None) -> dict:
+        """aRMSE ± CI and mean spread over the (non-diverged) experiments among `rows`."""
+        rows = np.arange(self.B) if rows is None else np.asarray(rows)
+        ok = rows[~self.diverged[rows]]
+        k0 = self.burn_in
+        per = [mean_with_ci(self.rmse_a[b, k0:]) for b in ok]
+        armse, ci = combine_ci([p[0] for p in per], [p[1] for p in per])
+        return {
+            "armse": armse,
+            "armse_ci": ci,
+            "frmse": float(self.rmse_f[ok, k0:].mean()) if ok.size else float("nan"),
+            "spread": float(self.spread_a[ok, k0:].mean()) if ok.size else float("nan"),
+            "experiments": int(rows.size),
+            "n_diverged": int(self.diverged[rows].sum()),
+            "diverged": bool(self.diverged[rows].any()),
+        }
+
+
+def initial_ensemble(x: torch.Tensor, N: int, rng: BatchRNG, std: float = 1.0) -> torch.Tensor:
+    """N members around the true states x (B, Nx), perturbed with N(0, std^2) (a single state: N = 1)."""
+    return x.unsqueeze(-2) + std * rng.randn(N, x.shape[-1], dtype=x.dtype, device=x.device)
+
+
+def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: int,
+               ids: list[int] | None = None, init_std: float = 1.0, divergence_factor: float = 3.0,
+               progress: bool = False) -> CycleResult:
+    """Cycle `filt` for `cycles` cycles on the twin experiment; the first `burn_in` are not scored.
+
+    A run that diverges (a non-finite ensemble, or an analysis RMSE above `divergence_factor` times the
+    truth's climatological spread) is flagged from that cycle on and excluded from the scores; its
+    ensemble is reset to the truth so that it cannot spoil the batched linear algebra of the others.
+    """
+    if not 0 <= burn_in < cycles:
+        raise ValueError(f"burn_in must be in [0, cycles) (got burn_in={burn_in}, cycles={cycles})")
+    B = twin.B
+    filter_rng = BatchRNG(seed, "filter", B, ids)
+    E = initial_ensemble(twin.x, filt.N, BatchRNG(seed, "init", B, ids), init_std)
+    threshold = divergence_factor * float(twin.x.std())
+    stats = torch.empty(4, cycles, B, dtype=torch.float64)
+    diverged = torch.zeros(B, dtype=torch.bool)
+    diverged_at = torch.full((B,), -1, dtype=torch.long)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for k in tqdm(range(cycles), disable=not progress, desc=type(filt).__name__, mininterval=1.0):
+            x, obs = twin.step()
+            Ef, E = filt.cycle(E, model, obs, filter_rng)
+            ra = rmse(E.mean(-2), x)
+            bad = ~torch.isfinite(E).flatten(1).all(-1) | ~(ra < threshold)
+            if bad.any():
+                new = bad & ~diverged
+                diverged_at[new] = k
+                diverged |= bad
+                E = torch.where(bad.view(B, 1, 1), x.unsqueeze(-2).expand_as(E), E)
+            stats[0, k] = rmse(Ef.mean(-2), x)
+            stats[1, k] = ra
+            stats[2, k] = spread(Ef)
+            stats[3, k] = spread(E)
+    wall = time.perf_counter() - t0
+    s = stats.numpy().transpose(0, 2, 1)
+    dv = diverged.numpy()
+    s[:, dv, :] = np.where(np.arange(cycles) >= diverged_at.numpy()[dv, None], np.nan, s[:, dv, :])
+    return CycleResult(rmse_f=s[0], rmse_a=s[1], spread_f=s[2], spread_a=s[3], diverged=dv,
+                       diverged_at=diverged_at.numpy(), burn_in=burn_in, wall_s=wall)
