@@ -15,7 +15,7 @@ import math
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from danlab.observations import Obs
 from danlab.rng import BatchRNG
@@ -60,9 +60,11 @@ class Filter(BaseModel):
     tunable: ClassVar[tuple[str, ...]] = ()
     min_N: ClassVar[int] = 1
 
-    def model_post_init(self, __context) -> None:
+    @model_validator(mode="after")
+    def _check_N(self):
         if self.N < self.min_N:
             raise ValueError(f"N must be >= {self.min_N} for {type(self).__name__} (got {self.N})")
+        return self
 
     def prepare(self, model, observer, dtype, device) -> "Filter":
         """Return the filter ready to run with this model (e.g. with a climatological B); default: itself."""

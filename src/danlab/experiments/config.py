@@ -1,0 +1,46 @@
+"""The config of a twin experiment run (`danlab run`, `danlab tune`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import torch
+from pydantic import Field, model_validator
+
+from danlab.config import ModelConfig, ObsConfig, Strict
+from danlab.filters.ensemble import EnKF, EnKF_N, ETKF
+from danlab.filters.iterative import IEnKF
+from danlab.filters.variational import Var3D
+from danlab.learned import Learned
+
+FilterConfig = Annotated[Union[EnKF, ETKF, EnKF_N, IEnKF, Var3D, Learned], Field(discriminator="method")]
+
+
+class RunConfig(Strict):
+    """A twin experiment: `batch` independent experiments of `cycles` cycles each."""
+
+    seed: int = 0
+    cycles: int = Field(10_000, ge=2)
+    burn_in: int = Field(500, ge=0)
+    batch: int = Field(1, ge=1, description="independent experiments run at once")
+    dtype: Literal["float64", "float32"] = "float64"
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: all cores)")
+    init_std: float = Field(1.0, ge=0, description="std of the initial ensemble around the truth")
+    divergence_factor: float = Field(3.0, gt=0, description="flag a run whose analysis RMSE exceeds this times the truth's spread")
+    model: ModelConfig = ModelConfig()
+    observations: ObsConfig = ObsConfig()
+    filter: FilterConfig = Field(default_factory=lambda: EnKF_N(method="enkf_n"))
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.burn_in >= self.cycles:
+            raise ValueError(f"burn_in must be < cycles (got burn_in={self.burn_in}, cycles={self.cycles})")
+        self.observations.build(self.model.Nx)  # raises on sites/counts outside the grid
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+

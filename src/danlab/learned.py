@@ -1,0 +1,88 @@
+"""A trained a_theta as a filter: E^a = E^f + a_theta(E^f, H^T R^-1 (y - H x̄^f)).
+
+Network files: `<dir>/model.json` (format danlab-net/1: the network config, what it was trained on,
+provenance) beside its safetensors tensor file. A training run folder holds its best network in
+`<run>/best/`; `load_net` accepts either folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, PrivateAttr
+
+from danlab.filters.base import Filter
+from danlab.nets import AnalysisNet, NetConfig, build_net
+from danlab.observations import Obs
+from danlab.rng import BatchRNG
+from danlab.training.checkpoint import CheckpointError, load_state_strict, read_checkpoint, write_checkpoint
+
+NET_FORMAT = "danlab-net/1"
+
+
+def save_net(directory: str | Path, net: AnalysisNet, meta: dict) -> Path:
+    """Write the network's weights and a sidecar with its config and `meta` (provenance, scores)."""
+    return write_checkpoint(directory, "model", net.state_dict(),
+                            dict(meta, format=NET_FORMAT, net=net.cfg.model_dump(mode="json")))
+
+
+def resolve_net_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / "model.json").is_file():
+        return path
+    if (path / "best" / "model.json").is_file():
+        return path / "best"
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    raise CheckpointError(f"{path}: no network here (expected model.json or best/model.json)")
+
+
+def load_net(path: str | Path) -> tuple[AnalysisNet, dict]:
+    """The network stored in `path` (a network folder or a training run folder) and its sidecar."""
+    directory = resolve_net_dir(path)
+    tensors, meta = read_checkpoint(directory, "model", NET_FORMAT)
+    try:
+        cfg = NetConfig.model_validate(meta.get("net"))
+    except ValueError as exc:
+        raise CheckpointError(f"{directory}/model.json: invalid network config ({str(exc).splitlines()[0]})") from None
+    net = build_net(cfg)
+    load_state_strict(net, tensors, str(directory))
+    net.eval()
+    return net, meta
+
+
+class Learned(Filter):
+    """The learned analysis. `checkpoint`: a network folder or a training run folder."""
+
+    method: Literal["learned"] = "learned"
+    N: int = Field(1, ge=1, description="ensemble size Ne (1: a single state)")
+    checkpoint: str | None = None
+    _net: AnalysisNet | None = PrivateAttr(None)
+
+    @classmethod
+    def from_net(cls, net: AnalysisNet, N: int = 1) -> "Learned":
+        f = cls(N=N)
+        f._net = net
+        return f
+
+    def prepare(self, model, observer, dtype, device) -> "Learned":
+        if self._net is not None:
+            return self
+        if self.checkpoint is None:
+            raise CheckpointError("filter.checkpoint: the learned filter needs a checkpoint folder")
+        net, _ = load_net(self.checkpoint)
+        return type(self).from_net(net.to(device), self.N)
+
+    @property
+    def net(self) -> AnalysisNet:
+        if self._net is None:
+            raise CheckpointError("learned filter used before prepare(): no network loaded")
+        return self._net
+
+    def analysis(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
+        zeta = obs.HtRinv_innovation(E.mean(-2))
+        p = next(self.net.parameters())
+        dE = self.net(E.to(p.dtype), zeta.to(p.dtype))
+        return E + dE.to(E.dtype)

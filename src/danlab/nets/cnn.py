@@ -1,0 +1,107 @@
+"""The learned analysis a_theta: a residual 1-D CNN with circular padding, and its variants.
+
+E^a = E^f + a_theta(E^f, zeta), zeta = H^T R^-1 (y - H x̄^f) in state space.
+
+How members enter: the same network is applied to every member n (members are folded into the batch),
+with four input channels per site: the member x_n, the ensemble mean x̄, the ensemble standard deviation
+(zero for a single member) and zeta. The increment is therefore per member, the network is equivariant
+under permutations of the members, and one set of weights serves every ensemble size Ne (Ne = 1
+included). Being fully convolutional with circular padding, it also serves every Nx.
+
+Variants: 'cnn' (the reference residual CNN), 'linear' (the same layers without activations: an affine
+map of its inputs), 'simplified' (sees only zeta, not E^f).
+
+The output is g * zeta + CNN(...), with a learnable scalar gain g initialised at `gain0` and the last
+convolution initialised at zero: at step 0 the analysis is a stable nudging towards the observations
+(so the untrained network does not let the trajectories diverge), and training learns the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "elu": nn.ELU}
+
+
+class NetConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["cnn", "linear", "simplified"] = "cnn"
+    Nf: int = Field(40, ge=1, description="number of filters")
+    Nbl: int = Field(5, ge=0, description="number of residual blocks")
+    Nl: int = Field(5, ge=1, description="convolutional layers per block")
+    kernel: int = Field(5, ge=1, description="kernel size (odd)")
+    activation: Literal["gelu", "relu", "tanh", "silu", "elu"] = "gelu"
+    gain0: float = Field(0.3, description="initial gain on zeta")
+    shift: float = Field(2.3, description="state normalisation: (x - shift) / scale")
+    scale: float = Field(3.6, gt=0, description="state normalisation: (x - shift) / scale")
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, k):
+        if k % 2 == 0:
+            raise ValueError(f"must be odd (got {k})")
+        return k
+
+
+def _conv(cin: int, cout: int, k: int) -> nn.Conv1d:
+    return nn.Conv1d(cin, cout, k, padding=k // 2, padding_mode="circular")
+
+
+class _Block(nn.Module):
+    def __init__(self, Nf: int, Nl: int, k: int, act):
+        super().__init__()
+        layers = []
+        for i in range(Nl):
+            layers.append(_conv(Nf, Nf, k))
+            if i < Nl - 1:
+                layers.append(act())
+        self.f = nn.Sequential(*layers)
+
+    def forward(self, h):
+        return h + self.f(h)
+
+
+class AnalysisNet(nn.Module):
+    """a_theta(E, zeta): E (B, N, Nx), zeta (B, Nx) -> increment (B, N, Nx)."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        act = nn.Identity if cfg.kind == "linear" else ACTIVATIONS[cfg.activation]
+        cin = 1 if cfg.kind == "simplified" else 4
+        self.inp = _conv(cin, cfg.Nf, cfg.kernel)
+        self.blocks = nn.Sequential(*[_Block(cfg.Nf, cfg.Nl, cfg.kernel, act) for _ in range(cfg.Nbl)])
+        self.act = act()
+        self.out = _conv(cfg.Nf, 1, cfg.kernel)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.gain = nn.Parameter(torch.tensor(float(cfg.gain0)))
+
+    def features(self, E: torch.Tensor, zeta: torch.Tensor) -> torch.Tensor:
+        """Input channels (B*N, C, Nx)."""
+        B, N, Nx = E.shape
+        z = zeta.unsqueeze(1).expand(B, N, Nx)
+        if self.cfg.kind == "simplified":
+            return z.reshape(B * N, 1, Nx)
+        c = self.cfg
+        xb = E.mean(1, keepdim=True)
+        sd = E.std(1, keepdim=True) if N > 1 else torch.zeros_like(xb)
+        chans = [(E - c.shift) / c.scale, ((xb - c.shift) / c.scale).expand_as(E), (sd / c.scale).expand_as(E), z]
+        return torch.stack(chans, 2).reshape(B * N, 4, Nx)
+
+    def forward(self, E: torch.Tensor, zeta: torch.Tensor) -> torch.Tensor:
+        if E.dim() != 3 or zeta.dim() != 2 or zeta.shape[0] != E.shape[0] or zeta.shape[-1] != E.shape[-1]:
+            raise ValueError(f"a_theta expects E (B, N, Nx) and zeta (B, Nx); got {tuple(E.shape)} and {tuple(zeta.shape)}")
+        B, N, Nx = E.shape
+        h = self.blocks(self.inp(self.features(E, zeta)))
+        da = self.out(self.act(h)).view(B, N, Nx)
+        return da + self.gain * zeta.unsqueeze(1)
+
+
+def build_net(cfg: NetConfig) -> AnalysisNet:
+    return AnalysisNet(cfg)

@@ -1,0 +1,56 @@
+"""Every knob of a training run in one config object."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from danlab.config import ModelConfig, ObsConfig, Strict
+from danlab.nets import NetConfig
+
+
+class TrainConfig(Strict):
+    Nt: int = Field(256, ge=1, description="concurrent training trajectories (batch)")
+    Ne: int = Field(1, ge=1, description="ensemble size")
+    N_iter: int = Field(10, ge=1, description="chained DA cycles backpropagated through per step")
+    steps: int = Field(20_000, ge=1, description="optimiser steps")
+    lr: float = Field(1e-3, gt=0)
+    lr_min: float = Field(1e-5, ge=0, description="learning rate at the end of the cosine decay")
+    warmup: int = Field(200, ge=0, description="linear warm-up steps")
+    clip: float = Field(1.0, gt=0, description="gradient norm clipping")
+    loss: Literal["supervised", "semisupervised"] = "supervised"
+    init_std: float = Field(1.0, ge=0, description="initial ensemble: truth + N(0, init_std^2)")
+    reset_factor: float = Field(3.0, gt=0, description="reset a trajectory whose analysis RMSE exceeds this times the truth's spread")
+    log_every: int = Field(10, ge=1)
+    val_every: int = Field(200, ge=1, description="steps between validations")
+    val_cycles: int = Field(1000, ge=2)
+    val_burn_in: int = Field(200, ge=0)
+    val_batch: int = Field(8, ge=1, description="held-out validation trajectories")
+    val_seed: int = Field(1_000_003, description="seed of the held-out validation trajectories")
+    checkpoint_every_s: float = Field(300.0, gt=0, description="wall-clock seconds between checkpoints")
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1)
+    bf16: bool = Field(False, description="bfloat16 autocast for the network (CPU AMX / GPU)")
+    compile: bool = Field(False, description="torch.compile the network")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.val_burn_in >= self.val_cycles:
+            raise ValueError(f"val_burn_in must be < val_cycles (got {self.val_burn_in} >= {self.val_cycles})")
+        if self.lr_min > self.lr:
+            raise ValueError(f"lr_min must be <= lr (got {self.lr_min} > {self.lr})")
+        return self
+
+
+class TrainRunConfig(Strict):
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    observations: ObsConfig = ObsConfig()
+    net: NetConfig = NetConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.observations.build(self.model.Nx)
+        return self

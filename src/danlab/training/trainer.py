@@ -1,0 +1,266 @@
+"""Truncated backpropagation through time over chained DA cycles, truth and observations online.
+
+One step: N_iter cycles from the carried-over analyses, each a forecast through the differentiable
+model followed by the learned analysis; the loss is averaged over the cycles, trajectories and members
+and backpropagated through all of them (model included); the analyses carry over detached.
+
+Stability from the first step: the network starts as a gain g0 on zeta plus a zero-initialised CNN
+(see nets/cnn.py), i.e. a stable nudging filter. On top of it, any trajectory whose analysis turns
+non-finite or drifts beyond `reset_factor` times the truth's spread is reset around its truth (from a
+seeded stream, so a resumed run draws the same resets); a step with a non-finite loss is skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from danlab.config import to_yaml
+from danlab.cycle import initial_ensemble, run_cycles
+from danlab.learned import Learned, save_net
+from danlab.metrics import rmse
+from danlab.nets import build_net
+from danlab.rng import BatchRNG, make_generator
+from danlab.training.checkpoint import (CheckpointError, atomic_write_text, code_version, load_state_strict,
+                                        read_checkpoint, write_checkpoint)
+from danlab.training.config import TrainRunConfig
+from danlab.twin import TwinStream
+
+TRAIN_FORMAT = "danlab-train/1"
+# knobs that change how a run executes, not what it computes: they may differ when resuming
+RUNTIME_KNOBS = {"device", "threads", "bf16", "compile", "checkpoint_every_s", "log_every", "val_every", "steps"}
+METRICS = ["step", "wall_s", "lr", "loss", "train_rmse", "resets", "skipped", "val_armse", "val_ci"]
+
+
+def _science(cfg) -> dict:
+    """A config dict flattened to 'section.key' entries, without the runtime knobs."""
+    if not isinstance(cfg, dict):
+        return {}
+    out = {}
+    for sec, val in cfg.items():
+        for k, v in (val.items() if isinstance(val, dict) else [("", val)]):
+            if k not in RUNTIME_KNOBS:
+                out[f"{sec}.{k}" if k else sec] = v
+    return out
+
+
+def lr_at(step: int, tc) -> float:
+    """Linear warm-up, then cosine decay from lr to lr_min over the remaining steps."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    t = (step - tc.warmup) / max(tc.steps - tc.warmup, 1)
+    return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def validate(cfg: TrainRunConfig, net, cycles: int | None = None) -> tuple[float, float]:
+    """aRMSE ± CI of the network as a filter on the held-out validation trajectories."""
+    tc = cfg.train
+    model, observer = cfg.model.build(), cfg.observations.build(cfg.model.Nx)
+    ids = list(range(tc.val_batch))
+    twin = TwinStream(model, observer, tc.val_batch, tc.val_seed, ids=ids, dtype=torch.float32, device=tc.device)
+    was_training = net.training
+    net.eval()
+    res = run_cycles(Learned.from_net(net, tc.Ne), model, twin, cycles or tc.val_cycles, tc.val_burn_in,
+                     seed=tc.val_seed, ids=ids, init_std=tc.init_std)
+    net.train(was_training)
+    s = res.scores()
+    return s["armse"], s["armse_ci"]
+
+
+class Trainer:
+    """Holds the whole training state; `run()` is the loop."""
+
+    def __init__(self, cfg: TrainRunConfig, run_dir: str | Path):
+        self.cfg, self.dir = cfg, Path(run_dir)
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        torch.manual_seed(cfg.seed)  # nothing should draw from the global generator; this pins it anyway
+        self.model = cfg.model.build()
+        self.observer = cfg.observations.build(cfg.model.Nx)
+        init = make_generator(cfg.seed, "net-init")
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=init)))
+            self.net = build_net(cfg.net).to(tc.device)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=tc.lr)
+        self.twin = TwinStream(self.model, self.observer, tc.Nt, cfg.seed, ids=None, dtype=torch.float32, device=tc.device)
+        self.reset_rng = BatchRNG(cfg.seed, "reset", tc.Nt)
+        self.E = initial_ensemble(self.twin.x, tc.Ne, BatchRNG(cfg.seed, "init", tc.Nt), tc.init_std)
+        self.threshold = tc.reset_factor * float(self.twin.x.std())
+        self.step, self.wall_s, self.best = 0, 0.0, float("inf")
+        self.fnet = torch.compile(self.net) if tc.compile else self.net
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        t = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        osd = self.opt.state_dict()
+        for i, st in osd["state"].items():
+            for k, v in st.items():
+                t[f"optim.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+        t["state.E"], t["state.x"] = self.E, self.twin.x
+        for name, rng in (("truth", self.twin.truth_rng), ("obs", self.twin.obs_rng), ("reset", self.reset_rng)):
+            for j, s in enumerate(rng.get_state()):
+                t[f"rng.{name}.{j}"] = s
+        return t
+
+    def save(self) -> None:
+        meta = {"format": TRAIN_FORMAT, "config": self.cfg.model_dump(mode="json"), "step": self.step,
+                "wall_s": self.wall_s, "best_val_armse": self.best, "threshold": self.threshold,
+                "twin_k": self.twin.k, "param_groups": self.opt.state_dict()["param_groups"],
+                "code_version": code_version()}
+        write_checkpoint(self.dir, "checkpoint", self.state_tensors(), meta)
+
+    def load(self) -> None:
+        t, meta = read_checkpoint(self.dir, "checkpoint", TRAIN_FORMAT)
+        saved, now = _science(meta.get("config")), _science(self.cfg.model_dump(mode="json"))
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise CheckpointError(f"{self.dir}/checkpoint.json: saved with a different config ({', '.join(diff)} differ)")
+        try:
+            load_state_strict(self.net, {k[4:]: v for k, v in t.items() if k.startswith("net.")}, str(self.dir))
+            state: dict = {}
+            for k, v in t.items():
+                if k.startswith("optim."):
+                    _, i, name = k.split(".", 2)
+                    state.setdefault(int(i), {})[name] = v
+            self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            self.E, x = t["state.E"].to(self.cfg.train.device), t["state.x"].to(self.cfg.train.device)
+            rngs = {n: [t[f"rng.{n}.{j}"] for j in range(len(r.gens))]
+                    for n, r in (("truth", self.twin.truth_rng), ("obs", self.twin.obs_rng), ("reset", self.reset_rng))}
+        except (KeyError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{self.dir}: checkpoint does not match this training setup ({exc})") from None
+        self.twin.load_state_dict({"x": x, "k": meta["twin_k"], "truth_rng": rngs["truth"], "obs_rng": rngs["obs"]})
+        self.reset_rng.set_state(rngs["reset"])
+        self.step, self.wall_s = int(meta["step"]), float(meta["wall_s"])
+        self.best, self.threshold = float(meta["best_val_armse"]), float(meta["threshold"])
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float, int, bool]:
+        tc = self.cfg.train
+        lr = lr_at(self.step, tc)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        amp = torch.autocast(device_type=torch.device(tc.device).type, dtype=torch.bfloat16) if tc.bf16 else nullcontext()
+        E, loss = self.E, 0.0
+        for _ in range(tc.N_iter):
+            x, obs = self.twin.step()
+            Ef = self.model(E)
+            with amp:
+                dE = self.fnet(Ef, obs.HtRinv_innovation(Ef.mean(-2)))
+            E = Ef + dE.float()
+            if tc.loss == "supervised":
+                loss = loss + (E - x.unsqueeze(1)).pow(2).mean()
+            else:  # observations only: the forecast must fit the new observations
+                loss = loss + obs.innovation(Ef).pow(2).sum(-1).div(obs.Ny.unsqueeze(-1)).mean()
+        loss = loss / tc.N_iter
+        self.opt.zero_grad(set_to_none=True)
+        ok = bool(torch.isfinite(loss))
+        if ok:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), tc.clip)
+            self.opt.step()
+        with torch.no_grad():
+            E = E.detach()
+            r = rmse(E.mean(1), x)
+            bad = ~torch.isfinite(E).flatten(1).all(1) | ~(r < self.threshold)
+            n_bad = int(bad.sum())
+            if n_bad:
+                fresh = initial_ensemble(x, tc.Ne, self.reset_rng, tc.init_std)
+                E = torch.where(bad.view(-1, 1, 1), fresh, E)
+            self.E = E
+        self.step += 1
+        return float(loss.detach()), float(r[~bad].mean()) if n_bad < len(r) else float("nan"), n_bad, ok
+
+    def log(self, row: dict) -> None:
+        path = self.dir / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRICS)
+            if new:
+                w.writeheader()
+            w.writerow({k: row.get(k, "") for k in METRICS})
+
+    def _trim_metrics(self) -> None:
+        """On resume, drop the rows written after the checkpoint (they will be written again)."""
+        path = self.dir / "metrics.csv"
+        if path.exists():
+            rows = list(csv.DictReader(path.open()))
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=METRICS)
+            w.writeheader()
+            w.writerows(r for r in rows if int(r["step"]) <= self.step)
+            atomic_write_text(path, buf.getvalue())
+
+    def run(self, stop_after: int | None = None, progress: bool = True) -> dict:
+        """Train until cfg.train.steps (or `stop_after` more steps); checkpoints on the way and at the end."""
+        tc = self.cfg.train
+        self._trim_metrics()
+        end = tc.steps if stop_after is None else min(tc.steps, self.step + stop_after)
+        t_start, last_ckpt = time.perf_counter(), time.perf_counter()
+        wall0 = self.wall_s
+        loss_ema = rmse_ema = None
+        resets = skipped = 0
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not progress, desc="train", mininterval=2.0)
+        while self.step < end:
+            loss, r, n_bad, ok = self.train_step()
+            resets += n_bad
+            skipped += 0 if ok else 1
+            if ok:
+                loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
+            if math.isfinite(r):
+                rmse_ema = r if rmse_ema is None else 0.95 * rmse_ema + 0.05 * r
+            self.wall_s = wall0 + time.perf_counter() - t_start
+            row = None
+            if self.step % tc.log_every == 0:
+                row = {"step": self.step, "wall_s": f"{self.wall_s:.1f}", "lr": f"{lr_at(self.step - 1, tc):.3g}",
+                       "loss": f"{loss:.5g}", "train_rmse": f"{r:.4f}", "resets": resets, "skipped": skipped}
+                resets = skipped = 0
+            if self.step % tc.val_every == 0 or self.step == tc.steps:
+                va, ci = validate(self.cfg, self.net)
+                row = (row or {"step": self.step, "wall_s": f"{self.wall_s:.1f}"}) | {"val_armse": f"{va:.4f}", "val_ci": f"{ci:.4f}"}
+                if va < self.best:
+                    self.best = va
+                    save_net(self.dir / "best", self.net, self.provenance(va, ci))
+                bar.set_postfix_str(f"val {va:.3f}", refresh=False)
+            if row:
+                self.log(row)
+            bar.update(1)
+            if loss_ema is not None and rmse_ema is not None:
+                bar.set_postfix_str(f"loss {loss_ema:.4f} rmse {rmse_ema:.3f} best {self.best:.3f}", refresh=False)
+            if time.perf_counter() - last_ckpt > tc.checkpoint_every_s:
+                self.save()
+                last_ckpt = time.perf_counter()
+        bar.close()
+        self.save()
+        return {"step": self.step, "wall_s": self.wall_s, "best_val_armse": self.best}
+
+    def provenance(self, val_armse: float, val_ci: float) -> dict:
+        return {"trained_with": self.cfg.model_dump(mode="json"), "step": self.step, "wall_s": round(self.wall_s, 1),
+                "val_armse": val_armse, "val_ci": val_ci, "code_version": code_version(),
+                "val_setup": {"seed": self.cfg.train.val_seed, "trajectories": self.cfg.train.val_batch,
+                              "cycles": self.cfg.train.val_cycles, "burn_in": self.cfg.train.val_burn_in},
+                "threads": torch.get_num_threads(), "device": self.cfg.train.device}
+
+
+def train(cfg: TrainRunConfig, run_dir: str | Path, resume: bool = False, stop_after: int | None = None,
+          progress: bool = True) -> dict:
+    """Start (or resume) a training run in `run_dir`."""
+    run_dir = Path(run_dir)
+    trainer = Trainer(cfg, run_dir)
+    if resume:
+        trainer.load()
+    else:
+        if (run_dir / "checkpoint.json").exists():
+            raise CheckpointError(f"{run_dir}: already holds a training run; use --resume or another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    return trainer.run(stop_after=stop_after, progress=progress)
