@@ -112,3 +112,4 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
 
 def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)
+

@@ -1,0 +1,208 @@
+"""Run a twin experiment or a tuning grid from a RunConfig, and write its run folder.
+
+A run folder holds: config.yaml (resolved), stats.nc (per-cycle statistics, xarray), summary.json and
+rmse.png. A tuning folder holds config.yaml, tune.nc, tune.csv, summary.json and tune.png.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from danlab.config import ConfigError, apply_overrides, parse_value, to_yaml, validate
+from danlab.cycle import CycleResult, run_cycles
+from danlab.experiments.config import RunConfig
+from danlab.io import atomic_write_text, write_json
+from danlab.twin import TwinStream
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+def simulate(cfg: RunConfig, filt=None, rows_per_experiment: int = 1, progress: bool = False) -> CycleResult:
+    """Cycle cfg.filter (or `filt`, which may carry (B,) tensor hyperparameters) on cfg's twin experiment.
+
+    rows_per_experiment > 1 repeats each of the cfg.batch experiments that many times (for a grid whose
+    points share truth and observations); the batch is then grid-major: row = point * batch + b.
+    """
+    set_threads(cfg.threads)
+    model = cfg.model.build()
+    observer = cfg.observations.build(cfg.model.Nx)
+    filt = (filt or cfg.filter).prepare(model, observer, cfg.torch_dtype, cfg.device)
+    ids = [b for _ in range(rows_per_experiment) for b in range(cfg.batch)]
+    twin = TwinStream(model, observer, len(ids), cfg.seed, ids=ids, dtype=cfg.torch_dtype, device=cfg.device)
+    return run_cycles(filt, model, twin, cfg.cycles, cfg.burn_in, cfg.seed, ids=ids, init_std=cfg.init_std,
+                      divergence_factor=cfg.divergence_factor, progress=progress)
+
+
+def summarize(cfg: RunConfig, res: CycleResult, rows=None) -> dict:
+    s = res.scores(rows)
+    return {"method": cfg.filter.method, "N": cfg.filter.N, "Nx": cfg.model.Nx, **s, "cycles": cfg.cycles,
+            "burn_in": cfg.burn_in, "cycles_per_s": cfg.cycles / res.wall_s,
+            "experiment_cycles_per_s": res.B * cfg.cycles / res.wall_s, "wall_s": res.wall_s,
+            "threads": torch.get_num_threads()}
+
+
+def stats_dataset(res: CycleResult, cfg: RunConfig) -> xr.Dataset:
+    dims = ("experiment", "cycle")
+    ds = xr.Dataset(
+        {"rmse_f": (dims, res.rmse_f), "rmse_a": (dims, res.rmse_a), "spread_f": (dims, res.spread_f),
+         "spread_a": (dims, res.spread_a), "diverged": ("experiment", res.diverged.astype(np.int8)),
+         "diverged_at": ("experiment", res.diverged_at)},
+        coords={"experiment": np.arange(res.B), "cycle": np.arange(1, res.cycles + 1)},
+        attrs={"method": cfg.filter.method, "burn_in": cfg.burn_in, "config": to_yaml(cfg)})
+    ds["rmse_a"].attrs["long_name"] = "spatial RMSE of the analysis mean against the truth"
+    ds["rmse_f"].attrs["long_name"] = "spatial RMSE of the forecast mean against the truth"
+    ds["spread_a"].attrs["long_name"] = "sqrt of the site-mean analysis ensemble variance"
+    return ds
+
+
+def write_netcdf(ds: xr.Dataset, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    ds.to_netcdf(tmp)
+    tmp.replace(path)
+
+
+def plot_rmse(res: CycleResult, summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    k = np.arange(1, res.cycles + 1)
+    ax.plot(k, np.nanmean(res.rmse_a, 0), lw=0.8, label="analysis RMSE")
+    ax.plot(k, np.nanmean(res.rmse_f, 0), lw=0.6, alpha=0.7, label="forecast RMSE")
+    if np.nanmax(res.spread_a) > 0:
+        ax.plot(k, np.nanmean(res.spread_a, 0), lw=0.6, alpha=0.7, label="analysis spread")
+    ax.axvline(res.burn_in, color="k", lw=0.5, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("cycle")
+    ax.set_title(f"{summary['method']}: aRMSE {summary['armse']:.4f} ± {summary['armse_ci']:.4f}"
+                 f" (mean over {res.B} experiment{'s' if res.B > 1 else ''})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_experiment(cfg: RunConfig, out: str | Path | None, progress: bool = False) -> dict:
+    res = simulate(cfg, progress=progress)
+    summary = summarize(cfg, res)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+        write_netcdf(stats_dataset(res, cfg), out / "stats.nc")
+        plot_rmse(res, summary, out / "rmse.png")
+        summary["out"] = str(out)
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+# ---- tuning ---------------------------------------------------------------------------------------
+
+def parse_grid(spec: str) -> tuple[str, list]:
+    """`NAME=start:stop:step` (stop included) or `NAME=v1,v2,...`; a bare NAME means filter.NAME."""
+    if "=" not in spec:
+        raise ConfigError(f"--grid {spec}: expected NAME=start:stop:step or NAME=v1,v2,...")
+    name, rhs = (s.strip() for s in spec.split("=", 1))
+    if "." not in name:
+        name = f"filter.{name}"
+    if ":" in rhs:
+        try:
+            start, stop, step = (float(v) for v in rhs.split(":"))
+        except ValueError:
+            raise ConfigError(f"--grid {spec}: start:stop:step must be three numbers") from None
+        if step <= 0 or stop < start:
+            raise ConfigError(f"--grid {spec}: need step > 0 and stop >= start")
+        n = int(math.floor((stop - start) / step + 1e-9)) + 1
+        if n > 10_000:
+            raise ConfigError(f"--grid {spec}: {n} points is too many (at most 10000)")
+        values = [round(start + i * step, 12) for i in range(n)]
+        if all(float(v).is_integer() for v in (start, stop, step)):
+            values = [int(v) for v in values]
+    else:
+        values = [parse_value(v) for v in rhs.split(",") if v.strip()]
+    if not values:
+        raise ConfigError(f"--grid {spec}: no values")
+    return name, values
+
+
+def tune(cfg: RunConfig, grids: list[tuple[str, list]], out: str | Path | None, progress: bool = False) -> dict:
+    """Evaluate every point of the grid; points that differ only in tunable filter hyperparameters run
+    as one batched run (one row per point and experiment, sharing truth and observations)."""
+    tunable = {f"filter.{n}" for n in type(cfg.filter).tunable}
+    batched = [(n, v) for n, v in grids if n in tunable]
+    looped = [(n, v) for n, v in grids if n not in tunable]
+    names = [n for n, _ in grids]
+    base = cfg.model_dump(mode="json", exclude_none=True)
+    points = []
+    t0 = time.perf_counter()
+    for loop_vals in itertools.product(*[v for _, v in looped]):
+        over = [f"{n}={v}" for (n, _), v in zip(looped, loop_vals)]
+        # validate the batched values too, one point at a time, for a clear error on a bad value
+        combos = list(itertools.product(*[v for _, v in batched]))
+        for combo in combos:
+            validate(RunConfig, apply_overrides(_copy(base), over + [f"{n}={v}" for (n, _), v in zip(batched, combo)]))
+        sub = validate(RunConfig, apply_overrides(_copy(base), over))
+        update = {n.split(".", 1)[1]: torch.tensor([c[i] for c in combos for _ in range(sub.batch)], dtype=torch.float64)
+                  for i, (n, _) in enumerate(batched)}
+        filt = sub.filter.model_copy(update=update) if update else sub.filter
+        res = simulate(sub, filt, rows_per_experiment=len(combos), progress=progress)
+        for p, combo in enumerate(combos):
+            rows = np.arange(p * sub.batch, (p + 1) * sub.batch)
+            vals = dict(zip([n for n, _ in looped], loop_vals)) | dict(zip([n for n, _ in batched], combo))
+            points.append({**{n: vals[n] for n in names}, **summarize(sub, res, rows)})
+    wall = time.perf_counter() - t0
+    ok = [p for p in points if not p["diverged"] and math.isfinite(p["armse"])]
+    best = min(ok, key=lambda p: p["armse"]) if ok else None
+    summary = {"method": cfg.filter.method, "grid": {n: v for n, v in grids}, "points": len(points),
+               "best": {n: best[n] for n in names} if best else None,
+               "armse": best["armse"] if best else float("nan"), "armse_ci": best["armse_ci"] if best else float("nan"),
+               "spread": best["spread"] if best else float("nan"), "cycles": cfg.cycles, "diverged": best is None,
+               "cycles_per_s": sum(p["cycles"] for p in points) / wall, "wall_s": wall}
+    if out is not None:
+        _write_tune(cfg, grids, points, summary, Path(out))
+    return summary | {"table": points}
+
+
+def _copy(d):
+    import copy
+    return copy.deepcopy(d)
+
+
+def _write_tune(cfg, grids, points, summary, out: Path) -> None:
+    import pandas as pd
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    df = pd.DataFrame(points)
+    atomic_write_text(out / "tune.csv", df.to_csv(index=False))
+    names = [n for n, _ in grids]
+    ds = df.set_index(names)[["armse", "armse_ci", "spread", "n_diverged"]].to_xarray()
+    write_netcdf(ds, out / "tune.nc")
+    summary["out"] = str(out)
+    write_json(out / "summary.json", summary)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = names[0]
+    for key, g in (df.groupby(names[1:]) if len(names) > 1 else [(None, df)]):
+        ax.errorbar(g[x], g["armse"], yerr=g["armse_ci"], marker="o", ms=3, capsize=2,
+                    label=None if key is None else f"{names[1]}={key[0] if isinstance(key, tuple) else key}")
+    ax.set_xlabel(x)
+    ax.set_ylabel("aRMSE")
+    ax.set_title(f"{cfg.filter.method}: best aRMSE {summary['armse']:.4f} at {summary['best']}", fontsize=9)
+    if len(names) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "tune.png", dpi=110)
+    plt.close(fig)

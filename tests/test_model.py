@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from danlab.models import Lorenz96
+from danlab.observations import Observer
+from danlab.rng import BatchRNG
+from danlab.twin import TwinStream
+
+
+def test_tangent_linear_matches_finite_differences():
+    m = Lorenz96(Nx=40)
+    x = TwinStream(m, Observer(40), 1, seed=3, ids=[0]).x[0]
+    v = torch.randn(40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    _, tl = torch.func.jvp(m, (x,), (v,))
+    for eps in (1e-4, 1e-5):
+        fd = (m(x + eps * v) - m(x - eps * v)) / (2 * eps)
+        assert torch.allclose(tl, fd, rtol=0, atol=1e-8)
+    # and the adjoint: <M' v, w> = <v, M'^T w>
+    w = torch.randn(40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    _, vjp = torch.func.vjp(m, x)
+    assert torch.allclose((tl * w).sum(), (v * vjp(w)[0]).sum(), atol=1e-12)
+
+
+def test_rk4_order_and_steps():
+    """steps x dt spans the interval; halving dt reduces the RK4 error ~16x."""
+    x = TwinStream(Lorenz96(), Observer(40), 1, seed=0, ids=[0]).x
+    ref = Lorenz96(dt=0.05 / 64, steps=64)(x)
+    e1 = (Lorenz96(dt=0.05, steps=1)(x) - ref).abs().max()
+    e2 = (Lorenz96(dt=0.025, steps=2)(x) - ref).abs().max()
+    assert 10 < e1 / e2 < 22
+
+
+@pytest.mark.parametrize("Nx", [4, 20, 160])
+def test_any_size_dtype_and_batch_shape(Nx):
+    m = Lorenz96(Nx=Nx)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(3, 2, Nx, dtype=dtype)
+        y = m(x)
+        assert y.shape == x.shape and y.dtype == dtype
+
+
+def test_invalid_parameters_rejected():
+    with pytest.raises(ValueError, match="Nx"):
+        Lorenz96(Nx=3)
+    with pytest.raises(ValueError, match="dt"):
+        Lorenz96(dt=0)
+    with pytest.raises(ValueError, match="Nx=40"):
+        Lorenz96().tendency(torch.zeros(2, 20))
+
+
+def test_spinup_reaches_the_attractor():
+    x = TwinStream(Lorenz96(), Observer(40), 16, seed=0).x
+    assert 2.0 < float(x.mean()) < 2.7 and 3.3 < float(x.std()) < 3.9
+
+
+def test_same_seed_same_numbers_and_batched_equals_alone():
+    obs = Observer(40, kind="random", fraction=0.5)
+    a = TwinStream(Lorenz96(), obs, 3, seed=5, ids=[0, 1, 2])
+    b = TwinStream(Lorenz96(), obs, 3, seed=5, ids=[0, 1, 2])
+    c = TwinStream(Lorenz96(), obs, 1, seed=5, ids=[2])
+    for _ in range(5):
+        xa, oa = a.step()
+        xb, ob = b.step()
+        xc, oc = c.step()
+        assert torch.equal(xa, xb) and torch.equal(oa.y, ob.y)
+        assert torch.equal(xa[2:], xc) and torch.equal(oa.y[2:], oc.y) and torch.equal(oa.mask[2:], oc.mask)
+    d = TwinStream(Lorenz96(), obs, 3, seed=6, ids=[0, 1, 2])
+    assert not torch.equal(d.step()[0], xa)
+
+
+def test_observation_operators():
+    x = torch.arange(10, dtype=torch.float64).repeat(2, 1)
+    rng = BatchRNG(0, "obs", 2, [0, 1])
+    o = Observer(10, sigma=0.5, kind="subset", sites=(1, 3, 5)).observe(x, rng)
+    assert o.Ny.tolist() == [3, 3] and o.Rinv == 4.0
+    assert torch.equal(o.mask[0].nonzero().flatten(), torch.tensor([1, 3, 5]))
+    xb = torch.zeros(2, 10, dtype=torch.float64)
+    z = o.HtRinv_innovation(xb)
+    assert torch.equal(z[:, [0, 2, 4, 6, 7, 8, 9]], torch.zeros(2, 7, dtype=torch.float64))
+    assert torch.allclose(z[:, [1, 3, 5]], 4.0 * o.y[:, [1, 3, 5]])
+    # noise has the right size: (y - x)/sigma ~ N(0, 1) on the observed sites
+    big = torch.zeros(2000, 10, dtype=torch.float64)
+    ob = Observer(10, sigma=0.5).observe(big, BatchRNG(0, "obs", 2000))
+    assert abs(float((ob.y / 0.5).std()) - 1) < 0.02
+    r = Observer(10, kind="random", count_min=2, count_max=6).observe(big, BatchRNG(1, "obs", 2000))
+    assert set(r.Ny.long().tolist()) == {2, 3, 4, 5, 6}
+    assert abs(float(r.mask.mean(0).std())) < 0.03  # every site equally likely
+    with pytest.raises(ValueError, match="sigma"):
+        Observer(10, sigma=0)
+    with pytest.raises(ValueError, match="sites"):
+        Observer(10, kind="subset", sites=(3, 12))

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from danlab.nets import NetConfig, build_net
+
+
+def _trained_like(cfg: NetConfig):
+    """A network with non-trivial (random) weights everywhere, the last layer included."""
+    torch.manual_seed(0)
+    net = build_net(cfg).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+@pytest.mark.parametrize("Ne", [1, 4])
+@pytest.mark.parametrize("Nx", [20, 40, 160])
+@pytest.mark.parametrize("kind", ["cnn", "linear", "simplified"])
+def test_shapes(Ne, Nx, kind):
+    net = build_net(NetConfig(kind=kind, Nf=8, Nbl=2, Nl=2))
+    out = net(torch.randn(3, Ne, Nx), torch.randn(3, Nx))
+    assert out.shape == (3, Ne, Nx) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", ["cnn", "linear", "simplified"])
+def test_circular_equivariance(kind):
+    net = _trained_like(NetConfig(kind=kind, Nf=8, Nbl=2, Nl=2))
+    E, z = torch.randn(2, 3, 40, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
+    for s in (1, 7, 39):
+        shifted = net(E.roll(s, -1), z.roll(s, -1))
+        assert torch.allclose(shifted, net(E, z).roll(s, -1), atol=1e-12)
+
+
+def test_member_permutation_equivariance():
+    net = _trained_like(NetConfig(Nf=8, Nbl=1, Nl=2))
+    E, z = torch.randn(2, 5, 40, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    assert torch.allclose(net(E[:, perm], z), net(E, z)[:, perm], atol=1e-12)
+
+
+def test_linear_variant_is_affine_and_cnn_is_not():
+    lin = _trained_like(NetConfig(kind="linear", Nf=8, Nbl=2, Nl=3))
+    cnn = _trained_like(NetConfig(kind="cnn", Nf=8, Nbl=2, Nl=3, activation="tanh"))
+    g = torch.Generator().manual_seed(1)
+    a = [torch.randn(2, 1, 40, dtype=torch.float64, generator=g), torch.randn(2, 40, dtype=torch.float64, generator=g)]
+    b = [torch.randn(2, 1, 40, dtype=torch.float64, generator=g), torch.randn(2, 40, dtype=torch.float64, generator=g)]
+    for lam in (0.3, 2.5):
+        mix = [lam * u + (1 - lam) * v for u, v in zip(a, b)]
+        assert torch.allclose(lin(*mix), lam * lin(*a) + (1 - lam) * lin(*b), atol=1e-10)
+        assert not torch.allclose(cnn(*mix), lam * cnn(*a) + (1 - lam) * cnn(*b), atol=1e-4)
+
+
+def test_simplified_ignores_the_state_and_untrained_is_a_gain():
+    net = _trained_like(NetConfig(kind="simplified", Nf=8, Nbl=1, Nl=2))
+    z = torch.randn(2, 40, dtype=torch.float64)
+    assert torch.equal(net(torch.randn(2, 1, 40, dtype=torch.float64), z), net(torch.zeros(2, 1, 40, dtype=torch.float64), z))
+    fresh = build_net(NetConfig(gain0=0.3))
+    E, z = torch.randn(2, 1, 40), torch.randn(2, 40)
+    assert torch.allclose(fresh(E, z), 0.3 * z.unsqueeze(1))
+
+
+def test_bad_inputs_and_config():
+    net = build_net(NetConfig(Nf=4, Nbl=1, Nl=1))
+    with pytest.raises(ValueError, match="expects E"):
+        net(torch.randn(2, 40), torch.randn(2, 40))
+    with pytest.raises(ValueError, match="odd"):
+        NetConfig(kernel=4)

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from danlab.learned import Learned, load_net, save_net
+from danlab.nets import NetConfig, build_net
+from danlab.training.checkpoint import CheckpointError
+from danlab.training.config import TrainRunConfig
+from danlab.training.trainer import Trainer, train
+
+TINY = {"net": {"Nf": 8, "Nbl": 1, "Nl": 2}, "train": {"Nt": 16, "N_iter": 3, "steps": 8, "warmup": 2, "lr": 3e-3,
+        "val_every": 4, "val_cycles": 40, "val_burn_in": 10, "val_batch": 2, "log_every": 1}}
+
+
+def tiny(**train_kw) -> TrainRunConfig:
+    d = json.loads(json.dumps(TINY))
+    d["train"].update(train_kw)
+    return TrainRunConfig.model_validate(d)
+
+
+def test_loss_falls_on_a_tiny_problem(tmp_path):
+    cfg = tiny(steps=40, val_every=1000, Nt=32)
+    tr = Trainer(cfg, tmp_path)
+    losses = [tr.train_step()[0] for _ in range(40)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    train(tiny(), tmp_path / "a", progress=False)
+    train(tiny(), tmp_path / "b", stop_after=3, progress=False)
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 3
+    train(tiny(), tmp_path / "b", resume=True, progress=False)
+    a, b = Trainer(tiny(), tmp_path / "a"), Trainer(tiny(), tmp_path / "b")
+    a.load()
+    b.load()
+    assert a.step == b.step == 8
+    for (n, p), q in zip(a.net.named_parameters(), b.net.parameters()):
+        assert torch.equal(p, q), n
+    assert torch.equal(a.E, b.E) and torch.equal(a.twin.x, b.twin.x)
+    strip = lambda p: [line.split(",")[:1] + line.split(",")[2:] for line in p.read_text().splitlines()]
+    assert strip(tmp_path / "a" / "metrics.csv") == strip(tmp_path / "b" / "metrics.csv")
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train(tiny(), tmp_path, stop_after=2, progress=False)
+    with pytest.raises(CheckpointError, match="train.lr differ"):
+        train(tiny(lr=1e-2), tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="already holds"):
+        train(tiny(), tmp_path, progress=False)
+    # runtime knobs may change
+    train(tiny(steps=9, checkpoint_every_s=10.0), tmp_path, resume=True, stop_after=1, progress=False)
+
+
+def _saved_net(tmp_path):
+    net = build_net(NetConfig(Nf=4, Nbl=1, Nl=1))
+    save_net(tmp_path, net, {"trained_with": {}})
+    return net
+
+
+def test_network_roundtrip_and_refusals(tmp_path):
+    net = _saved_net(tmp_path)
+    back, meta = load_net(tmp_path)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), back.parameters()))
+    tensor_file = tmp_path / json.loads((tmp_path / "model.json").read_text())["tensors"]
+    data = tensor_file.read_bytes()
+    tensor_file.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_net(tmp_path)
+    tensor_file.write_bytes(data)
+    side = json.loads((tmp_path / "model.json").read_text())
+    side["net"]["Nf"] = 8  # mismatched architecture
+    (tmp_path / "model.json").write_text(json.dumps(side))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_net(tmp_path)
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_net(tmp_path)
+    with pytest.raises(CheckpointError, match="no such"):
+        load_net(tmp_path / "nowhere")
+
+
+def test_a_pickle_is_never_loaded(tmp_path):
+    net = _saved_net(tmp_path)
+    side = json.loads((tmp_path / "model.json").read_text())
+    torch.save(net.state_dict(), tmp_path / side["tensors"])  # a pickle in place of the safetensors file
+    import hashlib
+    side["sha256"] = hashlib.sha256((tmp_path / side["tensors"]).read_bytes()).hexdigest()
+    (tmp_path / "model.json").write_text(json.dumps(side))
+    with pytest.raises(CheckpointError, match="unreadable safetensors"):
+        load_net(tmp_path)
+
+
+def test_learned_filter_needs_a_checkpoint():
+    with pytest.raises(CheckpointError, match="checkpoint"):
+        Learned().prepare(None, None, torch.float32, "cpu")
