@@ -67,3 +67,89 @@ class ETKF(Filter):
         T = apply_sym(V, lam.rsqrt())
         xa = xb + (w.mT @ X).squeeze(-2)
         return xa.unsqueeze(-2) + math.sqrt(N - 1) * (T @ X)
+
+
+def hyperprior(lam: torch.Tensor, N: int, xN) -> tuple[torch.Tensor, torch.Tensor]:
+    """EnKF-N hyperprior coefficients (eps_N, c_N), each (B, 1), as in DAPPER's `hyperprior_coeffs` (g = 0).
+
+    eps_N = (N+1)/N and c_N = N/(N-1) give the Jeffreys-hyperprior EnKF-N (Bocquet 2011); the mode of the
+    prior inflation is then corrected towards 1 as in eq. 36 of Bocquet, Raanes & Hannart (2015), by a
+    factor that depends on how much the observations constrain the ensemble (mean of 1/(1 + lam) over the
+    N eigenvalues lam of S S^T). Both are finally multiplied by xN: xN > 1 trusts the hyperprior more (more
+    linear, deterministic systems), xN < 1 less, as if N were smaller.
+    """
+    eps, c = (N + 1) / N, N / (N - 1)
+    i_kh = (1.0 / (1.0 + lam)).mean(-1, keepdim=True)  # ≈ 1/(1 + H B H^T / R)
+    mc = (eps / c) ** (0.5 * i_kh)
+    xN = per_batch(xN, lam)
+    return xN * eps / mc, xN * c * mc
+
+
+def dual_inflation(lam: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, c: torch.Tensor,
+                    max_iter: int = 40, tol: float = 1e-12) -> torch.Tensor:
+    """Minimiser u = l^2 (B, 1) of the EnKF-N dual cost, by Newton iterations batched over B.
+
+    With t = log u (u = (N-1)/zeta is the squared prior inflation), the dual cost of Bocquet et al. (2015),
+    divided by (N-1)/2, is J(t) = sum_i q_i / (lam_i (lam_i u + 1)) + eps/u + c t, where lam_i are the
+    eigenvalues of S S^T with eigenvectors v_i and q_i = (v_i^T S d)^2 / (N-1). Only the derivatives are
+    needed, and they never divide by lam_i. Where J'' <= 0 (away from the minimum) a unit step downhill is
+    taken instead; every step is clipped to |dt| <= 1. Starts at t = 0 (no inflation); stops when all steps
+    are below `tol`.
+    """
+    t = torch.zeros_like(eps + c)
+    for _ in range(max_iter):
+        u = t.exp()
+        a = lam * u + 1
+        g = -(q * u / a**2).sum(-1, keepdim=True) - eps / u + c
+        h = -(q * u * (1 - lam * u) / a**3).sum(-1, keepdim=True) + eps / u
+        step = torch.where(h > 0, g / h.clamp(min=torch.finfo(h.dtype).tiny), g.sign()).clamp(-1.0, 1.0)
+        t = t - step
+        if step.abs().max() < tol:
+            break
+    return t.exp()
+
+
+class EnKF_N(Filter):
+    """Finite-size EnKF (EnKF-N) in its dual form: it estimates the prior inflation itself, so needs none.
+
+    Refs: Bocquet (2011); Bocquet, Raanes & Hannart (2015). Each analysis minimises the scalar dual cost
+    over the squared inflation u = l^2 = (N-1)/zeta (see `dual_inflation`), then performs the ETKF
+    update of the ensemble whose anomalies are inflated by l. The hyperprior has the mode correction of
+    Bocquet et al. (2015) and is scaled by `xN` (DAPPER's meaning, see `hyperprior`).
+
+    Square root: by default (hess=False) the symmetric square root (u S S^T + I)^-1/2 of the ETKF with the
+    estimated inflation, as DAPPER's EnKF_N default (Hess=False). hess=True uses instead the inverse square
+    root of the full Hessian of the primal cost at the analysis, u S S^T + I - 2 w w^T/((N-1) eps_N + |w|^2)
+    (DAPPER's Hess=True), which accounts for the coupling of the inflation with the mean.
+
+    infl: an extra multiplicative inflation of the forecast anomalies (before the analysis, as in the ETKF
+    here; DAPPER applies it after); 1 = none.
+    """
+
+    method: Literal["enkf_n"] = "enkf_n"
+    xN: float = Field(1.0, gt=0, description="confidence in the hyperprior, as if the ensemble size were xN * N")
+    infl: float = Field(1.0, gt=0, description="extra multiplicative inflation of the forecast anomalies")
+    hess: bool = Field(False, description="transform by the full primal Hessian instead of the ETKF square root")
+    tunable: ClassVar[tuple[str, ...]] = ("infl", "xN")
+    min_N: ClassVar[int] = 2
+
+    def analysis(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
+        E = _inflate(E, self.infl)
+        N = E.shape[-2]
+        xb, X = mean_and_anomalies(E)
+        S = obs.H(X) / obs.sigma
+        Sd = S @ (obs.innovation(xb) / obs.sigma).unsqueeze(-1)  # (B, N, 1)
+        lam, V = torch.linalg.eigh(S @ S.mT)
+        lam = lam.clamp(min=0)
+        eps, c = hyperprior(lam, N, self.xN)
+        u = dual_inflation(lam, (V.mT @ Sd).squeeze(-1) ** 2 / (N - 1), eps, c)
+        X = u.sqrt().unsqueeze(-1) * X  # the prior anomalies, inflated by the estimated l
+        a = lam * u + 1
+        w = u.sqrt().unsqueeze(-1) * (apply_sym(V, 1.0 / a) @ Sd)  # (B, N, 1), coefficients on X
+        if self.hess:
+            Hw = apply_sym(V, a) - 2 * (w @ w.mT) / ((N - 1) * eps.unsqueeze(-1) + (w * w).sum(-2, keepdim=True))
+            T = apply_sym(*sym_eig_fn(Hw, lambda l: l.clamp(min=1e-12).rsqrt()))
+        else:
+            T = apply_sym(V, a.rsqrt())
+        xa = xb + (w.mT @ X).squeeze(-2)
+        return xa.unsqueeze(-2) + math.sqrt(N - 1) * (T @ X)
