@@ -612,7 +612,7 @@ def run_sweep(path_or_sweep: str | Path | Sweep, out: str | Path = "runs/sweeps"
     from danlab.experiments.runner import write_netcdf
 
     if isinstance(path_or_sweep, Sweep):
-        sweep = path_or_sweep.with_budget(budget) if budget is not None else path_or_sweep
+        sweep = path_or_sweep.with_budget(budget if budget is not None else path_or_sweep.budget)
         _check(sweep)
     else:
         sweep = load_sweep(path_or_sweep, budget)
