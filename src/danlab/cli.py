@@ -95,6 +95,41 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_sweep(a) -> int:
+    from danlab.experiments.sweep import run_sweep
+    r = run_sweep(a.sweep, out=a.out or "runs/sweeps", scheduler=a.scheduler, workers=a.workers,
+                  budget=a.budget, threads=a.threads, progress=not a.quiet)
+    if a.json:
+        print(json.dumps({k: v for k, v in r.items() if k != "dataset"}, default=str))
+    else:
+        print(f"{r['name']}: {r['points']} points, {r['done']} done, {r['skipped']} skipped, {len(r['failed'])} failed; results in {r['results']}")
+    return 1 if r["failed"] else 0
+
+
+def cmd_export(a) -> int:
+    from danlab.training.export import export
+    prov = export(a.run_dir, a.dest, cycles=a.cycles, burn_in=a.burn_in, batch=a.batch, seed=a.seed)
+    ev = prov["evaluation"]
+    print(f"{a.dest}: aRMSE {ev['armse']:.4f} ± {ev['armse_ci']:.4f} ({ev['trajectories']} trajectories × {ev['cycles']} cycles)")
+    return 0
+
+
+def cmd_reproduce(a) -> int:
+    from danlab.experiments import reproduce as rp
+    out = Path(a.out) if a.out else _default_out(f"reproduce-{a.what}")
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    if a.what == "table":
+        rp.reproduce_table(a.quick, out, threads=a.threads)
+        print((out / "table.md").read_text())
+    else:
+        rp.reproduce_transfer(out, a.quick, weights=a.weights, threads=a.threads)
+        print((out / "transfer.md").read_text())
+    print(f"results in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="danlab", description="Learned and classical data assimilation on chaotic dynamics")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -136,6 +171,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     common(sp, config=False)
     sp.set_defaults(fn=cmd_eval)
+    sp = sub.add_parser("sweep", help="run a sweep file's points as independent tasks on Dask")
+    sp.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
+    sp.add_argument("--scheduler", help="an existing Dask scheduler address (tcp://...), or 'synchronous'; default: a LocalCluster")
+    sp.add_argument("--workers", type=int, default=2, help="LocalCluster workers")
+    sp.add_argument("--budget", help="which of the sweep's budgets (default: reduced, if defined)")
+    sp.add_argument("--threads", type=int, default=1, help="PyTorch threads per task")
+    sp.add_argument("--out", help="parent folder (default: runs/sweeps)")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(fn=cmd_sweep)
+
+    sp = sub.add_parser("export", help="ship a training run's best network as weights with provenance")
+    sp.add_argument("run_dir")
+    sp.add_argument("dest", help="e.g. weights/l96_nf40_ne1")
+    sp.add_argument("--cycles", type=int, default=10_000)
+    sp.add_argument("--burn-in", type=int, default=500)
+    sp.add_argument("--batch", type=int, default=8)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("reproduce", help="reproduce the reference results (table, transfer)")
+    sp.add_argument("what", choices=["table", "transfer"])
+    sp.add_argument("--quick", action="store_true", help="fewer cycles (table: < 10 min on 2 cores)")
+    sp.add_argument("--out", help="run folder (default: runs/reproduce-<what>-<time>)")
+    sp.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    sp.add_argument("--weights", default="l96_nf40_ne1", help="transfer: the weights (folder under weights/ or a path)")
+    sp.set_defaults(fn=cmd_reproduce)
     return p
 
 

@@ -1,0 +1,170 @@
+"""`danlab reproduce table|transfer`: the reference results, computed by the same code as any run.
+
+table: on the standard Lorenz 96 twin, EnKF-N (N = 20, 40), best-tuned 3D-Var and the shipped learned
+analyses (Ne = 1), beside the reference paper's numbers. transfer: the Nx = 40 weights evaluated at
+Nx in {20, 40, 80, 160} against EnKF-N with N = Nx, with the cost per cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from danlab.config import load_config
+from danlab.experiments.config import RunConfig
+from danlab.experiments.runner import parse_grid, run_experiment, tune
+from danlab.io import atomic_write_text, write_json
+from danlab.learned import load_net, resolve_net_dir
+
+ROOT = Path(__file__).resolve().parents[3]
+CONFIGS = ROOT / "configs" / "l96"
+WEIGHTS = ROOT / "weights"
+VAR3D_GRID = "scale=0.01,0.015,0.02,0.025,0.03,0.04,0.05,0.07,0.1"
+
+
+@dataclass(frozen=True)
+class Budget:
+    cycles: int
+    burn_in: int
+    batch: int
+    tune_cycles: int
+    tune_batch: int
+
+
+QUICK = Budget(cycles=2_300, burn_in=300, batch=4, tune_cycles=1_000, tune_batch=2)
+FULL = Budget(cycles=10_500, burn_in=500, batch=8, tune_cycles=3_000, tune_batch=4)
+
+# (row, paper aRMSE, how to compute it)
+TABLE_ROWS = [
+    ("EnKF-N, N = 20", 0.191, ("run", "enkf_n.yaml", ["filter.N=20"])),
+    ("EnKF-N, N = 40", 0.179, ("run", "enkf_n.yaml", ["filter.N=40"])),
+    ("3D-Var, tuned B", 0.40, ("tune", "var3d.yaml", [VAR3D_GRID])),
+    ("a_θ, Ne = 1, N_f = 40", 0.191, ("learned", "l96_nf40_ne1", [])),
+    ("a_θ, Ne = 1, N_f = 100", 0.185, ("learned", "l96_nf100_ne1", [])),
+    ("linear a_θ, Ne = 1, N_f = 40", 0.384, ("learned", "l96_linear_ne1", [])),
+    ("simplified a_θ(H^T R^-1 δ), Ne = 1, N_f = 40", 0.382, ("learned", "l96_simplified_ne1", [])),
+]
+
+
+def _learned_config(weights: Path, b: Budget, seed: int, Nx: int | None = None, N: int | None = None) -> RunConfig:
+    _, meta = load_net(weights)
+    trained = meta.get("trained_with", {})
+    model = dict(trained.get("model", {}))
+    if Nx:
+        model["Nx"] = Nx
+    data = {"seed": seed, "cycles": b.cycles, "burn_in": b.burn_in, "batch": b.batch, "dtype": "float32",
+            "model": model, "observations": trained.get("observations", {}),
+            "filter": {"method": "learned", "checkpoint": str(resolve_net_dir(weights)),
+                       "N": N or trained.get("train", {}).get("Ne", 1)}}
+    return load_config(RunConfig, data=data)
+
+
+def _budget_overrides(b: Budget, seed: int) -> list[str]:
+    return [f"cycles={b.cycles}", f"burn_in={b.burn_in}", f"batch={b.batch}", f"seed={seed}"]
+
+
+def compute_row(kind: str, what: str, extra: list[str], b: Budget, threads: int | None) -> dict:
+    th = [f"threads={threads}"] if threads else []
+    if kind == "run":
+        s = run_experiment(load_config(RunConfig, CONFIGS / what, extra + th + _budget_overrides(b, 0)), None)
+        return s | {"note": ""}
+    if kind == "tune":
+        tcfg = load_config(RunConfig, CONFIGS / what, th + [f"cycles={b.tune_cycles}", f"burn_in={min(300, b.tune_cycles // 3)}",
+                                                            f"batch={b.tune_batch}", "seed=1"])
+        best = tune(tcfg, [parse_grid(g) for g in extra], None)["best"] or {}
+        over = [f"{k}={v}" for k, v in best.items()]
+        s = run_experiment(load_config(RunConfig, CONFIGS / what, th + over + _budget_overrides(b, 0)), None)
+        return s | {"note": "tuned on seed 1: " + ", ".join(over)}
+    path = WEIGHTS / what
+    if not (path / "model.json").is_file():
+        return {"armse": float("nan"), "armse_ci": float("nan"), "cycles_per_s": float("nan"),
+                "note": f"no weights in weights/{what} yet"}
+    cfg = _learned_config(path, b, seed=0)
+    if threads:
+        cfg = cfg.model_copy(update={"threads": threads})
+    s = run_experiment(cfg, None)
+    return s | {"note": f"weights/{what}"}
+
+
+def reproduce_table(quick: bool, out: Path, threads: int | None = None, progress: bool = True) -> pd.DataFrame:
+    b = QUICK if quick else FULL
+    rows = []
+    for name, paper, (kind, what, extra) in TABLE_ROWS:
+        t0 = time.perf_counter()
+        s = compute_row(kind, what, extra, b, threads)
+        rows.append({"method": name, "paper": paper, "armse": s["armse"], "armse_ci": s["armse_ci"],
+                     "cycles_per_s": s.get("cycles_per_s"), "diverged": s.get("n_diverged", 0), "note": s["note"]})
+        if progress:
+            print(f"  {name}: {s['armse']:.4f} ± {s['armse_ci']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    df = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "table.csv", df.to_csv(index=False))
+    md = table_markdown(df, b)
+    atomic_write_text(out / "table.md", md)
+    write_json(out / "summary.json", {"budget": b.__dict__, "quick": quick, "rows": rows})
+    _bar_chart(df, out / "table.png")
+    return df
+
+
+def table_markdown(df: pd.DataFrame, b: Budget) -> str:
+    lines = ["| method | paper aRMSE | danlab aRMSE ± 95% CI | notes |", "|---|---|---|---|"]
+    for r in df.itertuples():
+        ours = "—" if r.armse != r.armse else f"{r.armse:.3f} ± {r.armse_ci:.3f}"
+        lines.append(f"| {r.method} | {r.paper:.3f} | {ours} | {r.note} |")
+    return ("\n".join(lines) + f"\n\nStandard Lorenz 96 twin (Nx 40, F 8, Δt 0.05, H = I, R = I); aRMSE over {b.batch} "
+            f"experiments × {b.cycles - b.burn_in} cycles after {b.burn_in} cycles of burn-in.\n")
+
+
+def _bar_chart(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, ax = plt.subplots(figsize=(8, 4))
+    y = np.arange(len(df))
+    ax.barh(y + 0.2, df["paper"], height=0.4, label="reference paper", color="0.7")
+    ax.barh(y - 0.2, df["armse"].fillna(0), xerr=df["armse_ci"].fillna(0), height=0.4, label="danlab", color="C0")
+    ax.set_yticks(y, df["method"], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("aRMSE")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def reproduce_transfer(out: Path, quick: bool, weights: str = "l96_nf40_ne1", sizes=(20, 40, 80, 160),
+                       threads: int | None = None, progress: bool = True) -> pd.DataFrame:
+    b = QUICK if quick else FULL
+    path = WEIGHTS / weights if not Path(weights).exists() else Path(weights)
+    rows = []
+    for Nx in sizes:
+        cfg = _learned_config(path, b, seed=0, Nx=Nx)
+        if threads:
+            cfg = cfg.model_copy(update={"threads": threads})
+        learned = run_experiment(cfg, None)
+        enkf = run_experiment(load_config(RunConfig, CONFIGS / "enkf_n.yaml", [f"model.Nx={Nx}", f"filter.N={Nx}"]
+                                          + ([f"threads={threads}"] if threads else []) + _budget_overrides(b, 0)), None)
+        row = {"Nx": Nx, "learned_armse": learned["armse"], "learned_ci": learned["armse_ci"],
+               "learned_ms_per_cycle": 1e3 / learned["cycles_per_s"], "enkf_n_armse": enkf["armse"], "enkf_n_ci": enkf["armse_ci"],
+               "enkf_n_ms_per_cycle": 1e3 / enkf["cycles_per_s"], "batch": b.batch}
+        rows.append(row)
+        if progress:
+            print(f"  Nx {Nx}: a_θ {row['learned_armse']:.4f} ± {row['learned_ci']:.4f}, EnKF-N (N={Nx}) "
+                  f"{row['enkf_n_armse']:.4f} ± {row['enkf_n_ci']:.4f}", flush=True)
+    df = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "transfer.csv", df.to_csv(index=False))
+    lines = ["| Nx | a_θ (trained at Nx 40, Ne 1) | EnKF-N, N = Nx | a_θ ms/cycle | EnKF-N ms/cycle |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['Nx']} | {r['learned_armse']:.3f} ± {r['learned_ci']:.3f} | {r['enkf_n_armse']:.3f} ± {r['enkf_n_ci']:.3f} "
+                     f"| {r['learned_ms_per_cycle']:.2f} | {r['enkf_n_ms_per_cycle']:.2f} |")
+    md = "\n".join(lines) + (f"\n\nms/cycle: wall time of one cycle of a batch of {b.batch} experiments (forecast + analysis + statistics); "
+                             f"{b.batch} experiments × {b.cycles - b.burn_in} cycles after {b.burn_in} of burn-in.\n")
+    atomic_write_text(out / "transfer.md", md)
+    write_json(out / "summary.json", {"budget": b.__dict__, "weights": str(path), "rows": rows})
+    return df

@@ -1,0 +1,88 @@
+"""Export the best network of a training run as shippable weights with their provenance.
+
+`danlab export RUN_DIR weights/NAME` copies the run's best network (weights + sidecar), evaluates it
+as a filter on held-out trajectories, and writes beside it: provenance.json (training config, seed, code
+version, wall time, step, the measured score and the command that measures it), the training curve
+(metrics.csv and curve.png: validation aRMSE against wall-clock time) and a short README.md.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from danlab.config import load_config
+from danlab.experiments.config import RunConfig
+from danlab.experiments.runner import run_experiment
+from danlab.io import atomic_write_text, code_version, write_json
+from danlab.learned import load_net, resolve_net_dir
+from danlab.training.checkpoint import CheckpointError
+
+
+def plot_curve(metrics: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    v = metrics.dropna(subset=["val_armse"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(v["wall_s"] / 60, v["val_armse"], marker="o", ms=2)
+    ax.set_xlabel("training wall-clock time (min)")
+    ax.set_ylabel("validation aRMSE")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def export(run_dir: str | Path, dest: str | Path, cycles: int = 10_000, burn_in: int = 500, batch: int = 8,
+           seed: int = 0) -> dict:
+    run_dir, dest = Path(run_dir), Path(dest)
+    src = resolve_net_dir(run_dir)
+    net, meta = load_net(src)  # refuses a corrupt network before anything is written
+    if not (run_dir / "metrics.csv").is_file():
+        raise CheckpointError(f"{run_dir}: no metrics.csv: not a training run folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in dest.glob("model*"):
+        f.unlink()
+    shutil.copy2(src / "model.json", dest / "model.json")
+    shutil.copy2(src / meta["tensors"], dest / meta["tensors"])
+    load_net(dest)
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    atomic_write_text(dest / "metrics.csv", metrics.to_csv(index=False))
+    trained = meta["trained_with"]
+    data = {"seed": seed, "cycles": cycles, "burn_in": burn_in, "batch": batch, "dtype": "float32",
+            "model": trained["model"], "observations": trained["observations"],
+            "filter": {"method": "learned", "checkpoint": str(dest), "N": trained["train"]["Ne"]}}
+    score = run_experiment(load_config(RunConfig, data=data), None)
+    v = metrics.dropna(subset=["val_armse"])
+    curve = [{"wall_min": round(w / 60, 2), "step": int(s), "val_armse": round(a, 4)}
+             for w, s, a in zip(v["wall_s"], v["step"], v["val_armse"])]
+    prov = {
+        "weights": dest.name, "trained_with": trained, "seed": trained["seed"], "step": meta["step"],
+        "training_wall_s": meta["wall_s"], "training_code_version": meta["code_version"],
+        "training_threads": meta.get("threads"), "training_device": meta.get("device"),
+        "validation": {"armse": meta["val_armse"], "ci": meta["val_ci"], **meta["val_setup"]},
+        "evaluation": {"armse": score["armse"], "armse_ci": score["armse_ci"], "spread": score["spread"],
+                       "cycles": cycles, "burn_in": burn_in, "trajectories": batch, "seed": seed,
+                       "n_diverged": score["n_diverged"], "cycles_per_s": score["cycles_per_s"],
+                       "command": f"danlab eval {dest} --cycles {cycles} --burn-in {burn_in} --batch {batch} --seed {seed} --json"},
+        "curve": curve, "exported_by_code_version": code_version(),
+    }
+    write_json(dest / "provenance.json", prov)
+    plot_curve(metrics, dest / "curve.png", f"{dest.name}: validation aRMSE during training")
+    t = trained["train"]
+    atomic_write_text(dest / "README.md", (
+        f"# {dest.name}\n\nLearned analysis a_θ ({trained['net']['kind']}, N_f {trained['net']['Nf']}, "
+        f"{trained['net']['Nbl']} blocks × {trained['net']['Nl']} layers, kernel {trained['net']['kernel']}), Ne = {t['Ne']}, "
+        f"trained on Lorenz 96 (Nx {trained['model']['Nx']}, F {trained['model']['F']}, Δt {trained['model']['dt'] * trained['model']['steps']}, "
+        f"{trained['observations']['kind']} observations, σ = {trained['observations']['sigma']}).\n\n"
+        f"- trained: {meta['step']} steps of N_t = {t['Nt']} trajectories × N_iter = {t['N_iter']} cycles, "
+        f"{meta['wall_s'] / 3600:.2f} h wall-clock on {meta.get('device', 'cpu')} ({meta.get('threads')} threads), seed {trained['seed']}, "
+        f"code {meta['code_version']}\n"
+        f"- aRMSE {score['armse']:.4f} ± {score['armse_ci']:.4f} over {batch} held-out trajectories × {cycles} cycles "
+        f"after {burn_in} of burn-in: `{prov['evaluation']['command']}`\n"
+        f"- training curve: `curve.png`, `metrics.csv`; everything else: `provenance.json`\n"))
+    return prov
