@@ -86,7 +86,7 @@ def hyperprior(lam: torch.Tensor, N: int, xN) -> tuple[torch.Tensor, torch.Tenso
 
 
 def dual_inflation(lam: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, c: torch.Tensor,
-                    max_iter: int = 40, tol: float = 1e-12) -> torch.Tensor:
+                   max_iter: int = 40, tol: float = 1e-12) -> torch.Tensor:
     """Minimiser u = l^2 (B, 1) of the EnKF-N dual cost, by Newton iterations batched over B.
 
     With t = log u (u = (N-1)/zeta is the squared prior inflation), the dual cost of Bocquet et al. (2015),
@@ -124,6 +124,11 @@ class EnKF_N(Filter):
 
     infl: an extra multiplicative inflation of the forecast anomalies (before the analysis, as in the ETKF
     here; DAPPER applies it after); 1 = none.
+
+    On Lorenz 96 standard (Nx 40, F 8, Δt 0.05, H = I, R = I; 4 experiments x 3000 cycles) the aRMSE is
+    0.254 (N = 20) and 0.188 (N = 40) with xN = 1, and 0.188 and 0.179 with xN = 2: the reference table's
+    EnKF-N numbers (0.191, 0.179) are those of xN = 2, as DAPPER's notes for this setup also say
+    (EnKF_N(N=20): 0.24; with xN=2: 0.19).
     """
 
     method: Literal["enkf_n"] = "enkf_n"
