@@ -32,11 +32,12 @@ CFG = ROOT / "configs" / "l96"
 
 # name, config file, overrides, tuning grid (None: no tuning), target from the issue / literature
 METHODS = [
-    ("EnKF-N, N=20", "enkf_n.yaml", ["filter.N=20"], None, "0.19 ± 0.01"),
-    ("EnKF-N, N=40", "enkf_n.yaml", ["filter.N=40"], None, "0.18 ± 0.01"),
+    ("EnKF-N, N=20, xN=2", "enkf_n.yaml", ["filter.N=20", "filter.xN=2"], None, "0.19 ± 0.01"),
+    ("EnKF-N, N=40, xN=2", "enkf_n.yaml", ["filter.N=40", "filter.xN=2"], None, "0.18 ± 0.01"),
+    ("EnKF-N, N=20, xN=1", "enkf_n.yaml", ["filter.N=20", "filter.xN=1"], None, "—"),
     ("ETKF, N=20, tuned inflation", "etkf.yaml", ["filter.N=20"], "infl=1.00:1.10:0.01", "≤ 0.20"),
     ("EnKF (perturbed obs), N=20, tuned inflation", "enkf.yaml", ["filter.N=20"], "infl=1.00:1.30:0.03", "—"),
-    ("IEnKF, N=20, EnKF-N prior", "ienkf.yaml", ["filter.N=20", "filter.prior=N"], None, "≤ 0.18"),
+    ("IEnKF, N=20, EnKF-N prior, xN=2", "ienkf.yaml", ["filter.N=20", "filter.prior=N", "filter.xN=2"], None, "≤ 0.18"),
     ("IEnKF, N=20, tuned inflation", "ienkf.yaml", ["filter.N=20", "filter.prior=infl"], "infl=1.00:1.06:0.01", "≤ 0.18"),
     ("3D-Var, tuned B scale", "var3d.yaml", [], "scale=0.01,0.015,0.02,0.025,0.03,0.04,0.05,0.07,0.1", "0.40 ± 0.02"),
 ]

@@ -61,12 +61,13 @@ def initial_ensemble(x: torch.Tensor, N: int, rng: BatchRNG, std: float = 1.0) -
 
 
 def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: int,
-               ids: list[int] | None = None, init_std: float = 1.0, divergence_factor: float = 3.0,
+               ids: list[int] | None = None, init_std: float = 1.0, divergence_factor: float = 1.2,
                progress: bool = False) -> CycleResult:
     """Cycle `filt` for `cycles` cycles on the twin experiment; the first `burn_in` are not scored.
 
     A run that diverges (a non-finite ensemble, or an analysis RMSE above `divergence_factor` times the
-    truth's climatological spread) is flagged from that cycle on and excluded from the scores; its
+    truth's climatological spread: worse than the climatological mean, where a filter that has lost the
+    truth sits, near sqrt(2) times that spread) is flagged from that cycle on and excluded from the scores; its
     ensemble is reset to the truth so that it cannot spoil the batched linear algebra of the others.
     """
     if not 0 <= burn_in < cycles:

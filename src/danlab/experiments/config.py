@@ -27,7 +27,7 @@ class RunConfig(Strict):
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: all cores)")
     init_std: float = Field(1.0, ge=0, description="std of the initial ensemble around the truth")
-    divergence_factor: float = Field(3.0, gt=0, description="flag a run whose analysis RMSE exceeds this times the truth's spread")
+    divergence_factor: float = Field(1.2, gt=0, description="flag a run whose analysis RMSE exceeds this times the truth's climatological spread (a lost filter sits near 1.4)")
     model: ModelConfig = ModelConfig()
     observations: ObsConfig = ObsConfig()
     filter: FilterConfig = Field(default_factory=lambda: EnKF_N(method="enkf_n"))

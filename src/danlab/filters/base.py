@@ -39,7 +39,8 @@ def spread(E: torch.Tensor) -> torch.Tensor:
     """sqrt of the mean over sites of the ensemble variance, (B,); 0 for a single member."""
     if E.shape[-2] < 2:
         return torch.zeros(E.shape[0], dtype=E.dtype, device=E.device)
-    return E.var(-2).mean(-1).sqrt()
+    X = E - E.mean(-2, keepdim=True)
+    return (X * X).sum(-2).mean(-1).div(E.shape[-2] - 1).sqrt()
 
 
 def sym_eig_fn(G: torch.Tensor, fn) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +20,6 @@ class Lorenz96:
     F: float = 8.0
     dt: float = 0.05
     steps: int = 1
-    _idx: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.Nx < 4:
@@ -29,9 +28,6 @@ class Lorenz96:
             raise ValueError(f"Lorenz96.dt must be > 0 (got {self.dt})")
         if self.steps < 1:
             raise ValueError(f"Lorenz96.steps must be >= 1 (got {self.steps})")
-        i = torch.arange(self.Nx)
-        # neighbour indices i+1, i-1, i-2 (periodic); plain index tensors, no state is mutated later
-        object.__setattr__(self, "_idx", ((i + 1) % self.Nx, (i - 1) % self.Nx, (i - 2) % self.Nx))
 
     @property
     def Dt(self) -> float:
@@ -41,8 +37,9 @@ class Lorenz96:
     def tendency(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.Nx:
             raise ValueError(f"Lorenz96 expects states of size Nx={self.Nx}, got shape {tuple(x.shape)}")
-        ip1, im1, im2 = (j.to(x.device) for j in self._idx)
-        return (x[..., ip1] - x[..., im2]) * x[..., im1] - x + self.F
+        # periodic padding once, then the neighbours are views: x_{i-2}, x_{i-1}, x_{i+1}
+        xp = torch.cat([x[..., -2:], x, x[..., :1]], -1)
+        return (xp[..., 3:] - xp[..., :-3]) * xp[..., 1:-2] - x + self.F
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """One RK4 step of length dt."""
