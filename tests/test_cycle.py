@@ -16,7 +16,7 @@ from danlab.models import Lorenz96
 from danlab.observations import Observer
 from danlab.twin import TwinStream
 
-SHORT = {"cycles": 300, "burn_in": 100, "filter": {"method": "etkf", "N": 10, "infl": 1.05}}
+SHORT = {"cycles": 300, "burn_in": 100, "filter": {"method": "etkf", "N": 20, "infl": 1.02}}
 
 
 def test_autocorrelation_time_of_ar1():
@@ -52,8 +52,8 @@ def test_divergence_is_flagged_not_averaged():
 
     m, o = Lorenz96(), Observer(40)
     ids = [0, 1, 2]
-    res = run_cycles(RunsAway(N=10, infl=1.05), m, TwinStream(m, o, 3, 0, ids=ids), 200, 50, 0, ids=ids)
-    ref = run_cycles(ETKF(N=10, infl=1.05), m, TwinStream(m, o, 2, 0, ids=ids[:2]), 200, 50, 0, ids=ids[:2])
+    res = run_cycles(RunsAway(N=20, infl=1.02), m, TwinStream(m, o, 3, 0, ids=ids), 200, 50, 0, ids=ids)
+    ref = run_cycles(ETKF(N=20, infl=1.02), m, TwinStream(m, o, 2, 0, ids=ids[:2]), 200, 50, 0, ids=ids[:2])
     assert res.diverged.tolist() == [False, False, True] and res.diverged_at[2] == 0
     assert np.isnan(res.rmse_a[2]).all() and not np.isnan(res.rmse_a[:2]).any()
     s = res.scores()
@@ -69,7 +69,7 @@ def test_nan_ensemble_is_flagged():
 
     m, o = Lorenz96(), Observer(40)
     ids = [0, 1, 2]
-    res = run_cycles(Broken(N=10, infl=1.05), m, TwinStream(m, o, 3, 0, ids=ids), 50, 10, 0, ids=ids)
+    res = run_cycles(Broken(N=20, infl=1.02), m, TwinStream(m, o, 3, 0, ids=ids), 50, 10, 0, ids=ids)
     assert res.diverged.tolist() == [False, True, False] and res.diverged_at[1] == 0
     assert math.isfinite(res.scores()["armse"])
 
