@@ -27,16 +27,26 @@ def _inflate(E: torch.Tensor, infl) -> torch.Tensor:
     return xb + per_batch(infl, E) * (E - xb)
 
 
-class EnKF(Filter):
-    """Stochastic EnKF with perturbed observations (perturbations centred over the members)."""
+class InflatedEnsembleFilter(Filter):
+    """An ensemble filter whose forecast anomalies are inflated by `infl` before its `update`."""
 
-    method: Literal["enkf"] = "enkf"
     infl: float = Field(1.0, gt=0, description="multiplicative inflation of the forecast anomalies")
     tunable: ClassVar[tuple[str, ...]] = ("infl",)
     min_N: ClassVar[int] = 2
 
     def analysis(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
-        E = _inflate(E, self.infl)
+        return self.update(_inflate(E, self.infl), obs, rng)
+
+    def update(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class EnKF(InflatedEnsembleFilter):
+    """Stochastic EnKF with perturbed observations (perturbations centred over the members)."""
+
+    method: Literal["enkf"] = "enkf"
+
+    def update(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
         B, N, Nx = E.shape
         xb, X = mean_and_anomalies(E)
         S = obs.H(X) / obs.sigma
@@ -48,16 +58,12 @@ class EnKF(Filter):
         return E + (D @ S.mT @ C) @ X
 
 
-class ETKF(Filter):
+class ETKF(InflatedEnsembleFilter):
     """Ensemble transform Kalman filter, symmetric square root, multiplicative inflation."""
 
     method: Literal["etkf"] = "etkf"
-    infl: float = Field(1.0, gt=0, description="multiplicative inflation of the forecast anomalies")
-    tunable: ClassVar[tuple[str, ...]] = ("infl",)
-    min_N: ClassVar[int] = 2
 
-    def analysis(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
-        E = _inflate(E, self.infl)
+    def update(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
         N = E.shape[-2]
         xb, X = mean_and_anomalies(E)
         S = obs.H(X) / obs.sigma
@@ -109,7 +115,7 @@ def dual_inflation(lam: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, c: tor
     return t.exp()
 
 
-class EnKF_N(Filter):
+class EnKF_N(InflatedEnsembleFilter):
     """Finite-size EnKF (EnKF-N) in its dual form: it estimates the prior inflation itself, so needs none.
 
     Refs: Bocquet (2011); Bocquet, Raanes & Hannart (2015). Each analysis minimises the scalar dual cost
@@ -133,13 +139,10 @@ class EnKF_N(Filter):
 
     method: Literal["enkf_n"] = "enkf_n"
     xN: float = Field(1.0, gt=0, description="confidence in the hyperprior, as if the ensemble size were xN * N")
-    infl: float = Field(1.0, gt=0, description="extra multiplicative inflation of the forecast anomalies")
     hess: bool = Field(False, description="transform by the full primal Hessian instead of the ETKF square root")
     tunable: ClassVar[tuple[str, ...]] = ("infl", "xN")
-    min_N: ClassVar[int] = 2
 
-    def analysis(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
-        E = _inflate(E, self.infl)
+    def update(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
         N = E.shape[-2]
         xb, X = mean_and_anomalies(E)
         S = obs.H(X) / obs.sigma
