@@ -1,0 +1,97 @@
+"""Gather the sensitivity-study sweeps into docs/results/studies/: each sweep's data (CSV, netCDF) and
+figure, plus one figure per study that puts a_θ beside the classical filters on the same axis.
+
+    for s in configs/sweeps/*.yaml; do danlab sweep $s --budget reduced; done
+    python benchmarks/studies.py --budget reduced
+
+Reads runs/sweeps/<name>-<budget>/results.{csv,nc}; writes docs/results/studies/<budget>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import command_line, markdown_table, provenance  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# study: (axis label, [(sweep name, label, axis key, transform of the axis)])
+STUDIES = {
+    "nt": ("N_t (concurrent training trajectories)", [("nt", "a_θ", "train.Nt", None)]),
+    "nf": ("N_f (filters)", [("nf", "a_θ", "net.Nf", None)]),
+    "depth": ("N_l (layers per block)", [("depth", "a_θ", "net.Nl", None)]),
+    "ne": ("ensemble size", [("ne_dan", "a_θ", "train.Ne", None), ("ne_enkf_n", "EnKF-N", "filter.N", None)]),
+    "niter": ("N_iter (chained cycles per step)", [("niter", "a_θ", "train.N_iter", None)]),
+    "sigma": ("observation noise σ", [("sigma_dan", "a_θ", "observations.sigma", None),
+                                      ("sigma_enkf_n", "EnKF-N, N=20", "observations.sigma", None)]),
+    "sparsity": ("observed fraction of the sites", [("sparsity_dan", "a_θ (one network, trained on 10-40 sites)", "evaluate.observations.fraction", None),
+                                                    ("sparsity_enkf_n", "EnKF-N, N=20", "observations.fraction", None)]),
+    "dt": ("observation interval Δt", [("dt_dan", "a_θ", "model.steps", 0.05), ("dt_enkf_n", "EnKF-N, N=20", "model.steps", 0.05),
+                                       ("dt_ienkf", "IEnKF, N=20", "model.steps", 0.05), ("dt_var3d", "3D-Var, tuned", "model.steps", 0.05)]),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", default="reduced")
+    ap.add_argument("--sweeps", default=str(ROOT / "runs" / "sweeps"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "studies"))
+    a = ap.parse_args()
+    out = Path(a.out) / a.budget
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# Sensitivity studies ({a.budget} budget)\n", f"Gathered by `{command_line()}` ({provenance()}).\n"]
+    for study, (xlabel, parts) in STUDIES.items():
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        found = False
+        md.append(f"\n## {study}\n")
+        for name, label, key, scale in parts:
+            src = Path(a.sweeps) / f"{name}-{a.budget}"
+            if not (src / "results.csv").is_file():
+                md.append(f"- `{name}`: not run (`danlab sweep configs/sweeps/{name}.yaml --budget {a.budget}`)\n")
+                continue
+            found = True
+            dst = out / name
+            dst.mkdir(exist_ok=True)
+            for f in ("results.csv", "results.nc", "results.png", "sweep.yaml"):
+                if (src / f).is_file():
+                    shutil.copy2(src / f, dst / f)
+            df = pd.read_csv(src / "results.csv")
+            df = df[df["status"] == 0] if "status" in df else df
+            others = [c for c in df.columns if "." in c and c != key and df[c].nunique() > 1]
+            groups = df.groupby(others) if others else [(None, df)]
+            for gkey, g in groups:
+                g = g.sort_values(key)
+                x = g[key] * (scale or 1)
+                lab = label if gkey is None else f"{label}, {others[0]}={gkey[0] if isinstance(gkey, tuple) else gkey}"
+                ax.errorbar(x, g["armse"], yerr=g["armse_ci"], marker="o", ms=3, capsize=2, label=lab)
+            cols = [c for c in [key] + others if c in df] + ["armse", "armse_ci", "n_diverged"]
+            cols += [c for c in df.columns if c.startswith("best_") or c == "val_armse"]
+            md.append(f"**{label}** (`danlab sweep configs/sweeps/{name}.yaml --budget {a.budget}`):\n\n")
+            md.append(markdown_table(cols, df[cols].values.tolist()) + "\n")
+        if found:
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("aRMSE")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+            ax.set_title(f"{study} ({a.budget} budget)", fontsize=9)
+            fig.tight_layout()
+            fig.savefig(out / f"{study}.png", dpi=110)
+            md.append(f"![{study}]({study}.png)\n")
+        plt.close(fig)
+    (out / "README.md").write_text("".join(md))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
