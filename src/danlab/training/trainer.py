@@ -95,7 +95,8 @@ class Trainer:
         self.E = initial_ensemble(self.twin.x, tc.Ne, BatchRNG(cfg.seed, "init", tc.Nt), tc.init_std)
         self.threshold = tc.reset_factor * float(self.twin.x.std())
         self.step, self.wall_s, self.best = 0, 0.0, float("inf")
-        self.fnet = torch.compile(self.net) if tc.compile else self.net
+        # the analysis is the learned filter's own, compiled or not
+        self.filter = Learned.from_net(torch.compile(self.net) if tc.compile else self.net, tc.Ne)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -155,8 +156,7 @@ class Trainer:
             x, obs = self.twin.step()
             Ef = self.model(E)
             with amp:
-                dE = self.fnet(Ef, obs.HtRinv_innovation(Ef.mean(-2)))
-            E = Ef + dE.float()
+                E = self.filter.analysis(Ef, obs, None)  # a_theta draws no random numbers
             if tc.loss == "supervised":
                 loss = loss + (E - x.unsqueeze(1)).pow(2).mean()
             else:  # observations only: the forecast must fit the new observations
