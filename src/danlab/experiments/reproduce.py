@@ -39,7 +39,7 @@ QUICK = Budget(cycles=2_300, burn_in=300, batch=4, tune_cycles=1_000, tune_batch
 FULL = Budget(cycles=10_500, burn_in=500, batch=8, tune_cycles=3_000, tune_batch=4)
 
 # (row, paper aRMSE, how to compute it)
-TABLE_ROWS = [
+TABLE_ROWS = (
     ("EnKF-N, N = 20", 0.191, ("run", "enkf_n.yaml", ["filter.N=20"])),
     ("EnKF-N, N = 40", 0.179, ("run", "enkf_n.yaml", ["filter.N=40"])),
     ("3D-Var, tuned B", 0.40, ("tune", "var3d.yaml", [VAR3D_GRID])),
@@ -47,7 +47,7 @@ TABLE_ROWS = [
     ("a_θ, Ne = 1, N_f = 100", 0.185, ("learned", "l96_nf100_ne1", [])),
     ("linear a_θ, Ne = 1, N_f = 40", 0.384, ("learned", "l96_linear_ne1", [])),
     ("simplified a_θ(H^T R^-1 δ), Ne = 1, N_f = 40", 0.382, ("learned", "l96_simplified_ne1", [])),
-]
+)
 
 
 def _learned_config(weights: Path, b: Budget, seed: int, Nx: int | None = None, N: int | None = None) -> RunConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +79,12 @@ def plot_rmse(res: CycleResult, summary: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
     k = np.arange(1, res.cycles + 1)
-    ax.plot(k, np.nanmean(res.rmse_a, 0), lw=0.8, label="analysis RMSE")
-    ax.plot(k, np.nanmean(res.rmse_f, 0), lw=0.6, alpha=0.7, label="forecast RMSE")
-    if np.nanmax(res.spread_a) > 0:
-        ax.plot(k, np.nanmean(res.spread_a, 0), lw=0.6, alpha=0.7, label="analysis spread")
+    with warnings.catch_warnings():  # cycles where every experiment has diverged are all-NaN: not drawn
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ax.plot(k, np.nanmean(res.rmse_a, 0), lw=0.8, label="analysis RMSE")
+        ax.plot(k, np.nanmean(res.rmse_f, 0), lw=0.6, alpha=0.7, label="forecast RMSE")
+        if np.nanmax(np.nan_to_num(res.spread_a)) > 0:
+            ax.plot(k, np.nanmean(res.spread_a, 0), lw=0.6, alpha=0.7, label="analysis spread")
     ax.axvline(res.burn_in, color="k", lw=0.5, ls=":")
     ax.set_yscale("log")
     ax.set_xlabel("cycle")
