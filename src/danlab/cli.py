@@ -80,17 +80,12 @@ def cmd_train(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from danlab.experiments.config import RunConfig
+    from danlab.experiments.config import RunConfig, learned_eval_data
     from danlab.experiments.runner import run_experiment
     from danlab.learned import load_net, resolve_net_dir
     _, meta = load_net(a.checkpoint)
-    trained = meta.get("trained_with", {})
-    data = {"seed": a.seed, "cycles": a.cycles, "burn_in": min(a.burn_in, a.cycles - 1), "batch": a.batch,
-            "model": dict(trained.get("model", {})), "observations": dict(trained.get("observations", {})),
-            "filter": {"method": "learned", "checkpoint": str(resolve_net_dir(a.checkpoint)),
-                       "N": a.N or trained.get("train", {}).get("Ne", 1)}}
-    if a.nx:
-        data["model"]["Nx"] = a.nx
+    data = learned_eval_data(meta.get("trained_with", {}), resolve_net_dir(a.checkpoint), seed=a.seed, cycles=a.cycles,
+                             burn_in=a.burn_in, batch=a.batch, Nx=a.nx, N=a.N)
     cfg = load_config(RunConfig, None, a.set, data=data)
     out = a.out or _default_out("eval")
     _print_summary(run_experiment(cfg, out, progress=a.progress), a.json)

@@ -44,3 +44,16 @@ class RunConfig(Strict):
         return getattr(torch, self.dtype)
 
 
+
+
+def learned_eval_data(trained: dict, checkpoint: str, *, seed: int = 0, cycles: int = 10_000, burn_in: int = 500,
+                      batch: int = 8, Nx: int | None = None, N: int | None = None) -> dict:
+    """The RunConfig data that evaluates a trained network as a filter on the twin it was trained on
+    (model and observations of its training config `trained`), on held-out trajectories, in float32 (the
+    network's precision). Every evaluation of a network (eval, export, reproduce, sweeps) is built here."""
+    model = dict(trained.get("model", {}))
+    if Nx:
+        model["Nx"] = Nx
+    return {"seed": seed, "cycles": cycles, "burn_in": min(burn_in, cycles - 1), "batch": batch, "dtype": "float32",
+            "model": model, "observations": dict(trained.get("observations", {})),
+            "filter": {"method": "learned", "checkpoint": str(checkpoint), "N": N or trained.get("train", {}).get("Ne", 1)}}

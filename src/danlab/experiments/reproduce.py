@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from danlab.config import load_config
-from danlab.experiments.config import RunConfig
+from danlab.experiments.config import RunConfig, learned_eval_data
 from danlab.experiments.runner import parse_grid, run_experiment, tune
 from danlab.io import atomic_write_text, write_json
 from danlab.learned import load_net, resolve_net_dir
@@ -50,17 +50,10 @@ TABLE_ROWS = (
 )
 
 
-def _learned_config(weights: Path, b: Budget, seed: int, Nx: int | None = None, N: int | None = None) -> RunConfig:
+def _learned_config(weights: Path, b: Budget, seed: int, Nx: int | None = None) -> RunConfig:
     _, meta = load_net(weights)
-    trained = meta.get("trained_with", {})
-    model = dict(trained.get("model", {}))
-    if Nx:
-        model["Nx"] = Nx
-    data = {"seed": seed, "cycles": b.cycles, "burn_in": b.burn_in, "batch": b.batch, "dtype": "float32",
-            "model": model, "observations": trained.get("observations", {}),
-            "filter": {"method": "learned", "checkpoint": str(resolve_net_dir(weights)),
-                       "N": N or trained.get("train", {}).get("Ne", 1)}}
-    return load_config(RunConfig, data=data)
+    return load_config(RunConfig, data=learned_eval_data(meta.get("trained_with", {}), resolve_net_dir(weights), seed=seed,
+                                                         cycles=b.cycles, burn_in=b.burn_in, batch=b.batch, Nx=Nx))
 
 
 def _budget_overrides(b: Budget, seed: int) -> list[str]:

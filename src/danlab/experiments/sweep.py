@@ -289,7 +289,7 @@ def _strip(d: dict, *keys: str) -> dict:
 
 def _expand(s: Sweep, root: Path, threads: int) -> tuple[list[Point], list[Training]]:
     """Every grid point with its resolved, validated config (or its error), and the distinct trainings."""
-    from danlab.experiments.config import RunConfig
+    from danlab.experiments.config import RunConfig, learned_eval_data
     from danlab.training.config import TrainRunConfig
 
     axes = list(s.grid)
@@ -320,9 +320,7 @@ def _expand(s: Sweep, root: Path, threads: int) -> tuple[list[Point], list[Train
                 tdump = _dump(tcfg)
                 thash = _short_hash(_strip(tdump, "train.threads"))
                 t = trainings.setdefault(thash, Training(thash, root / f"train-{thash}", tdump))
-                edata = dict(EVAL_DEFAULTS, model=tdump["model"], observations=tdump["observations"],
-                             filter={"method": "learned", "checkpoint": str(t.dir / "best"), "N": tcfg.train.Ne})
-                edata = _merge(copy.deepcopy(edata), s.evaluate)
+                edata = _merge(learned_eval_data(tdump, t.dir / "best", **EVAL_DEFAULTS), s.evaluate)
                 for k, v in pairs:
                     if k.startswith(EVAL_PREFIX):
                         _set_key(edata, k[len(EVAL_PREFIX):], v)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from danlab.config import load_config
-from danlab.experiments.config import RunConfig
+from danlab.experiments.config import RunConfig, learned_eval_data
 from danlab.experiments.runner import run_experiment
 from danlab.io import atomic_write_text, code_version, write_json
 from danlab.learned import load_net, resolve_net_dir
@@ -53,9 +53,7 @@ def export(run_dir: str | Path, dest: str | Path, cycles: int = 10_000, burn_in:
     metrics = pd.read_csv(run_dir / "metrics.csv")
     atomic_write_text(dest / "metrics.csv", metrics.to_csv(index=False))
     trained = meta["trained_with"]
-    data = {"seed": seed, "cycles": cycles, "burn_in": burn_in, "batch": batch, "dtype": "float32",
-            "model": trained["model"], "observations": trained["observations"],
-            "filter": {"method": "learned", "checkpoint": str(dest), "N": trained["train"]["Ne"]}}
+    data = learned_eval_data(trained, dest, seed=seed, cycles=cycles, burn_in=burn_in, batch=batch)
     score = run_experiment(load_config(RunConfig, data=data), None)
     v = metrics.dropna(subset=["val_armse"])
     curve = [{"wall_min": round(w / 60, 2), "step": int(s), "val_armse": round(a, 4)}
