@@ -66,3 +66,11 @@ def test_bad_inputs_and_config():
         net(torch.randn(2, 40), torch.randn(2, 40))
     with pytest.raises(ValueError, match="odd"):
         NetConfig(kernel=4)
+
+
+def test_untrained_network_nudges_each_member_with_its_own_innovation():
+    fresh = build_net(NetConfig(gain0=0.3))
+    E, z, zn = torch.randn(2, 4, 40), torch.randn(2, 40), torch.randn(2, 4, 40)
+    assert torch.allclose(fresh(E, z, zn), 0.3 * zn)
+    with pytest.raises(ValueError, match="zeta_members"):
+        fresh(E, z, zn[:, :2])

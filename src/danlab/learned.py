@@ -84,5 +84,6 @@ class Learned(Filter):
     def analysis(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
         zeta = obs.HtRinv_innovation(E.mean(-2))
         p = next(self.net.parameters())
-        dE = self.net(E.to(p.dtype), zeta.to(p.dtype))
+        zeta_n = obs.HtRinv_innovation(E) if E.shape[-2] > 1 else None  # each member's own (= zeta for one)
+        dE = self.net(E.to(p.dtype), zeta.to(p.dtype), None if zeta_n is None else zeta_n.to(p.dtype))
         return E + dE.to(E.dtype)

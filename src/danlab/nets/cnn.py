@@ -11,9 +11,11 @@ included). Being fully convolutional with circular padding, it also serves every
 Variants: 'cnn' (the reference residual CNN), 'linear' (the same layers without activations: an affine
 map of its inputs), 'simplified' (sees only zeta, not E^f).
 
-The output is g * zeta + CNN(...), with a learnable scalar gain g initialised at `gain0` and the last
-convolution initialised at zero: at step 0 the analysis is a stable nudging towards the observations
-(so the untrained network does not let the trajectories diverge), and training learns the rest.
+The output for member n is g * zeta_n + CNN(...), with zeta_n = H^T R^-1 (y - H x_n) the member's own
+innovation (zeta_n = zeta for a single state), a learnable scalar gain g initialised at `gain0`, and the
+last convolution initialised at zero: at step 0 the analysis is a stable nudging of every member towards
+the observations (so the untrained network does not let the trajectories diverge, nor the members drift
+apart), and training learns the rest. The CNN itself sees zeta, from the ensemble mean.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class _Block(nn.Module):
 
 
 class AnalysisNet(nn.Module):
-    """a_theta(E, zeta): E (B, N, Nx), zeta (B, Nx) -> increment (B, N, Nx)."""
+    """a_theta(E, zeta[, zeta_members]): E (B, N, Nx), zeta (B, Nx), zeta_members (B, N, Nx) -> increment (B, N, Nx)."""
 
     def __init__(self, cfg: NetConfig):
         super().__init__()
@@ -94,13 +96,15 @@ class AnalysisNet(nn.Module):
         chans = [(E - c.shift) / c.scale, ((xb - c.shift) / c.scale).expand_as(E), (sd / c.scale).expand_as(E), z]
         return torch.stack(chans, 2).reshape(B * N, 4, Nx)
 
-    def forward(self, E: torch.Tensor, zeta: torch.Tensor) -> torch.Tensor:
+    def forward(self, E: torch.Tensor, zeta: torch.Tensor, zeta_members: torch.Tensor | None = None) -> torch.Tensor:
         if E.dim() != 3 or zeta.dim() != 2 or zeta.shape[0] != E.shape[0] or zeta.shape[-1] != E.shape[-1]:
             raise ValueError(f"a_theta expects E (B, N, Nx) and zeta (B, Nx); got {tuple(E.shape)} and {tuple(zeta.shape)}")
+        if zeta_members is not None and zeta_members.shape != E.shape:
+            raise ValueError(f"a_theta expects zeta_members of the shape of E {tuple(E.shape)}; got {tuple(zeta_members.shape)}")
         B, N, Nx = E.shape
         h = self.blocks(self.inp(self.features(E, zeta)))
         da = self.out(self.act(h)).view(B, N, Nx)
-        return da + self.gain * zeta.unsqueeze(1)
+        return da + self.gain * (zeta.unsqueeze(1) if zeta_members is None else zeta_members)
 
 
 def build_net(cfg: NetConfig) -> AnalysisNet:
