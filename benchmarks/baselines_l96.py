@@ -37,7 +37,8 @@ METHODS = [
     ("EnKF-N, N=20, xN=1", "enkf_n.yaml", ["filter.N=20", "filter.xN=1"], None, "—"),
     ("ETKF, N=20, tuned inflation", "etkf.yaml", ["filter.N=20"], "infl=1.00:1.10:0.01", "≤ 0.20"),
     ("EnKF (perturbed obs), N=20, tuned inflation", "enkf.yaml", ["filter.N=20"], "infl=1.00:1.30:0.03", "—"),
-    ("IEnKF, N=20, EnKF-N prior, xN=2", "ienkf.yaml", ["filter.N=20", "filter.prior=N", "filter.xN=2"], None, "≤ 0.18"),
+    ("IEnKF, N=20, EnKF-N prior, tuned xN", "ienkf.yaml", ["filter.N=20", "filter.prior=N", "filter.infl=1.0"],
+     "xN=1,1.5,2,3,4", "≤ 0.18"),
     ("IEnKF, N=20, tuned inflation", "ienkf.yaml", ["filter.N=20", "filter.prior=infl"], "infl=1.000:1.040:0.005", "≤ 0.18"),
     ("3D-Var, tuned B scale", "var3d.yaml", [], "scale=0.01,0.015,0.02,0.025,0.03,0.04,0.05,0.07,0.1", "0.40 ± 0.02"),
 ]
