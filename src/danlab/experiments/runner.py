@@ -6,6 +6,7 @@ rmse.png. A tuning folder holds config.yaml, tune.nc, tune.csv, summary.json and
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import time
@@ -154,8 +155,8 @@ def tune(cfg: RunConfig, grids: list[tuple[str, list]], out: str | Path | None, 
         # validate the batched values too, one point at a time, for a clear error on a bad value
         combos = list(itertools.product(*[v for _, v in batched]))
         for combo in combos:
-            validate(RunConfig, apply_overrides(_copy(base), over + [f"{n}={v}" for (n, _), v in zip(batched, combo)]))
-        sub = validate(RunConfig, apply_overrides(_copy(base), over))
+            validate(RunConfig, apply_overrides(copy.deepcopy(base), over + [f"{n}={v}" for (n, _), v in zip(batched, combo)]))
+        sub = validate(RunConfig, apply_overrides(copy.deepcopy(base), over))
         update = {n.split(".", 1)[1]: torch.tensor([c[i] for c in combos for _ in range(sub.batch)], dtype=torch.float64)
                   for i, (n, _) in enumerate(batched)}
         filt = sub.filter.model_copy(update=update) if update else sub.filter
@@ -175,11 +176,6 @@ def tune(cfg: RunConfig, grids: list[tuple[str, list]], out: str | Path | None, 
     if out is not None:
         _write_tune(cfg, grids, points, summary, Path(out))
     return summary | {"table": points}
-
-
-def _copy(d):
-    import copy
-    return copy.deepcopy(d)
 
 
 def _write_tune(cfg, grids, points, summary, out: Path) -> None:
