@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from danlab.config import ConfigError, load_config, to_yaml
+from danlab.config import ConfigError, load_config
 from danlab.training.checkpoint import CheckpointError
 
 
@@ -69,11 +69,6 @@ def cmd_train(a) -> int:
             raise ConfigError("train: give a CONFIG.yaml, or --resume RUN_DIR")
         cfg = load_config(TrainRunConfig, a.config, a.set)
         run_dir = Path(a.out) if a.out else _default_out("train")
-    if a.resume and a.set:  # runtime knobs changed for the rest of the run (the trainer refuses others)
-        from danlab.training.trainer import Trainer
-        Trainer(cfg, run_dir).load()
-        from danlab.io import atomic_write_text
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     result = train(cfg, run_dir, resume=bool(a.resume), stop_after=a.stop_after, progress=not a.quiet)
     print(json.dumps(result | {"run_dir": str(run_dir)}))
     return 0

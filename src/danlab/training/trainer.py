@@ -257,7 +257,8 @@ def train(cfg: TrainRunConfig, run_dir: str | Path, resume: bool = False, stop_a
     run_dir = Path(run_dir)
     trainer = Trainer(cfg, run_dir)
     if resume:
-        trainer.load()
+        trainer.load()  # refuses a config that differs in more than runtime knobs
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # the knobs in force from now on
     else:
         if (run_dir / "checkpoint.json").exists():
             raise CheckpointError(f"{run_dir}: already holds a training run; use --resume or another --out")
