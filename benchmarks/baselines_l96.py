@@ -25,7 +25,7 @@ from _common import command_line, markdown_table, provenance  # noqa: E402
 
 from danlab.config import load_config  # noqa: E402
 from danlab.experiments.config import RunConfig  # noqa: E402
-from danlab.experiments.runner import parse_grid, run_experiment, tune  # noqa: E402
+from danlab.experiments.runner import run_experiment, tune_on_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "configs" / "l96"
@@ -61,10 +61,8 @@ def main() -> None:
         base = [f"threads={a.threads}"] + over
         best = {}
         if grid:
-            tcfg = load_config(RunConfig, CFG / file, base + [f"cycles={tune_cycles}", f"burn_in={min(500, tune_cycles // 3)}",
-                                                             f"batch={tune_exps}", "seed=1"])
-            res = tune(tcfg, [parse_grid(grid)], None)
-            best = res["best"] or {}
+            best, res = tune_on_seed(CFG / file, base, [grid], cycles=tune_cycles, burn_in=min(500, tune_cycles // 3),
+                                     batch=tune_exps, seed=1)
             print(f"  tuned {name}: best {best} (aRMSE {res['armse']:.4f} on tuning seeds)", flush=True)
         fixed = base + [f"{k}={v}" for k, v in best.items()]
         cfg = load_config(RunConfig, CFG / file, fixed + [f"cycles={cycles}", f"burn_in={burn}", f"batch={exps}", "seed=0"])

@@ -16,7 +16,7 @@ import pandas as pd
 
 from danlab.config import load_config
 from danlab.experiments.config import RunConfig, learned_eval_data
-from danlab.experiments.runner import parse_grid, run_experiment, tune
+from danlab.experiments.runner import run_experiment, tune_on_seed
 from danlab.io import atomic_write_text, write_json
 from danlab.learned import load_net, resolve_net_dir
 
@@ -66,9 +66,8 @@ def compute_row(kind: str, what: str, extra: list[str], b: Budget, threads: int 
         s = run_experiment(load_config(RunConfig, CONFIGS / what, extra + th + _budget_overrides(b, 0)), None)
         return s | {"note": ""}
     if kind == "tune":
-        tcfg = load_config(RunConfig, CONFIGS / what, th + [f"cycles={b.tune_cycles}", f"burn_in={min(300, b.tune_cycles // 3)}",
-                                                            f"batch={b.tune_batch}", "seed=1"])
-        best = tune(tcfg, [parse_grid(g) for g in extra], None)["best"] or {}
+        best, _ = tune_on_seed(CONFIGS / what, th, extra, cycles=b.tune_cycles, burn_in=min(300, b.tune_cycles // 3),
+                               batch=b.tune_batch, seed=1)
         over = [f"{k}={v}" for k, v in best.items()]
         s = run_experiment(load_config(RunConfig, CONFIGS / what, th + over + _budget_overrides(b, 0)), None)
         return s | {"note": "tuned on seed 1: " + ", ".join(over)}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from danlab.config import ConfigError, apply_overrides, parse_value, to_yaml, validate
+from danlab.config import ConfigError, apply_overrides, load_config, parse_value, to_yaml, validate
 from danlab.cycle import CycleResult, run_cycles
 from danlab.experiments.config import RunConfig
 from danlab.io import atomic_write_text, write_json
@@ -176,6 +176,16 @@ def tune(cfg: RunConfig, grids: list[tuple[str, list]], out: str | Path | None, 
     if out is not None:
         _write_tune(cfg, grids, points, summary, Path(out))
     return summary | {"table": points}
+
+
+def tune_on_seed(path, overrides: list[str], grids: list[str], *, cycles: int, burn_in: int, batch: int,
+                 seed: int = 1) -> tuple[dict, dict]:
+    """Tune `grids` for the config at `path` (+ `overrides`) by one batched grid run on `seed`, so that
+    the best values can be scored on other seeds without selection bias. Returns ({key: best value} ({}
+    when every point diverged), the tuning summary)."""
+    cfg = load_config(RunConfig, path, overrides + [f"cycles={cycles}", f"burn_in={burn_in}", f"batch={batch}", f"seed={seed}"])
+    res = tune(cfg, [parse_grid(g) for g in grids], None)
+    return res["best"] or {}, res
 
 
 def _write_tune(cfg, grids, points, summary, out: Path) -> None:
