@@ -45,12 +45,15 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
 
 def test_resume_refuses_a_different_config(tmp_path):
     train(tiny(), tmp_path, stop_after=2, progress=False)
-    with pytest.raises(CheckpointError, match="train.lr differ"):
-        train(tiny(lr=1e-2), tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="train.Nt differ"):
+        train(tiny(Nt=3), tmp_path, resume=True, progress=False)
     with pytest.raises(CheckpointError, match="already holds"):
         train(tiny(), tmp_path, progress=False)
-    # runtime knobs may change
-    train(tiny(steps=9, checkpoint_every_s=10.0), tmp_path, resume=True, stop_after=1, progress=False)
+    # runtime knobs may change, and the schedule (a warm restart), which is recorded
+    train(tiny(steps=9, lr=1e-2, checkpoint_every_s=10.0), tmp_path, resume=True, stop_after=2, progress=False)
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert meta["schedule_history"] == [{"step": 2, "set": {"lr": 1e-2, "steps": 9}}]
+    assert json.loads((tmp_path / "best" / "model.json").read_text())["schedule_history"] == meta["schedule_history"]
 
 
 def _saved_net(tmp_path):

@@ -63,6 +63,7 @@ def export(run_dir: str | Path, dest: str | Path, cycles: int = 10_000, burn_in:
         "training_wall_s": meta["wall_s"], "training_code_version": meta["code_version"],
         "training_threads": meta.get("threads"), "training_device": meta.get("device"),
         "validation": {"armse": meta["val_armse"], "ci": meta["val_ci"], **meta["val_setup"]},
+        "schedule_history": meta.get("schedule_history", []),
         "evaluation": {"armse": score["armse"], "armse_ci": score["armse_ci"], "spread": score["spread"],
                        "cycles": cycles, "burn_in": burn_in, "trajectories": batch, "seed": seed,
                        "n_diverged": score["n_diverged"], "cycles_per_s": score["cycles_per_s"],

@@ -35,7 +35,11 @@ from danlab.twin import TwinStream
 
 TRAIN_FORMAT = "danlab-train/1"
 # knobs that change how a run executes, not what it computes: they may differ when resuming
-RUNTIME_KNOBS = {"device", "threads", "bf16", "compile", "checkpoint_every_s", "log_every", "val_every", "steps"}
+RUNTIME_KNOBS = {"device", "threads", "bf16", "compile", "checkpoint_every_s", "log_every", "val_every"}
+# the learning-rate schedule of the steps still to come may change too (a warm restart, a longer or shorter
+# decay); the state (parameters, Adam moments, trajectories, RNGs) carries over unchanged, and every such
+# change is recorded in the run's schedule history, which goes into the provenance of exported weights
+SCHEDULE_KNOBS = {"steps", "lr", "lr_min", "warmup"}
 METRICS = ["step", "wall_s", "lr", "loss", "train_rmse", "resets", "skipped", "val_armse", "val_ci"]
 
 
@@ -46,7 +50,7 @@ def _science(cfg) -> dict:
     out = {}
     for sec, val in cfg.items():
         for k, v in (val.items() if isinstance(val, dict) else [("", val)]):
-            if k not in RUNTIME_KNOBS:
+            if k not in RUNTIME_KNOBS | SCHEDULE_KNOBS:
                 out[f"{sec}.{k}" if k else sec] = v
     return out
 
@@ -95,6 +99,7 @@ class Trainer:
         self.E = initial_ensemble(self.twin.x, tc.Ne, BatchRNG(cfg.seed, "init", tc.Nt), tc.init_std)
         self.threshold = tc.reset_factor * float(self.twin.x.std())
         self.step, self.wall_s, self.best = 0, 0.0, float("inf")
+        self.history: list[dict] = []  # schedule changes made on resume: [{"step": s, "set": {knob: value}}]
         # the analysis is the learned filter's own, compiled or not
         self.filter = Learned.from_net(torch.compile(self.net) if tc.compile else self.net, tc.Ne)
 
@@ -115,6 +120,7 @@ class Trainer:
         meta = {"format": TRAIN_FORMAT, "config": self.cfg.model_dump(mode="json"), "step": self.step,
                 "wall_s": self.wall_s, "best_val_armse": self.best, "threshold": self.threshold,
                 "twin_k": self.twin.k, "param_groups": self.opt.state_dict()["param_groups"],
+                "schedule_history": self.history,
                 "code_version": code_version()}
         write_checkpoint(self.dir, "checkpoint", self.state_tensors(), meta)
 
@@ -143,6 +149,11 @@ class Trainer:
         self.reset_rng.set_state(rngs["reset"])
         self.step, self.wall_s = int(meta["step"]), float(meta["wall_s"])
         self.best, self.threshold = float(meta["best_val_armse"]), float(meta["threshold"])
+        self.history = list(meta.get("schedule_history", []))
+        old = meta["config"]["train"]
+        changed = {k: getattr(self.cfg.train, k) for k in sorted(SCHEDULE_KNOBS) if old.get(k) != getattr(self.cfg.train, k)}
+        if changed:
+            self.history.append({"step": self.step, "set": changed})
 
     # ---- the loop ----------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, int, bool]:
@@ -246,6 +257,7 @@ class Trainer:
     def provenance(self, val_armse: float, val_ci: float) -> dict:
         return {"trained_with": self.cfg.model_dump(mode="json"), "step": self.step, "wall_s": round(self.wall_s, 1),
                 "val_armse": val_armse, "val_ci": val_ci, "code_version": code_version(),
+                "schedule_history": self.history,
                 "val_setup": {"seed": self.cfg.train.val_seed, "trajectories": self.cfg.train.val_batch,
                               "cycles": self.cfg.train.val_cycles, "burn_in": self.cfg.train.val_burn_in},
                 "threads": torch.get_num_threads(), "device": self.cfg.train.device}
@@ -257,7 +269,7 @@ def train(cfg: TrainRunConfig, run_dir: str | Path, resume: bool = False, stop_a
     run_dir = Path(run_dir)
     trainer = Trainer(cfg, run_dir)
     if resume:
-        trainer.load()  # refuses a config that differs in more than runtime knobs
+        trainer.load()  # refuses a config that differs in more than runtime and schedule knobs
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))  # the knobs in force from now on
     else:
         if (run_dir / "checkpoint.json").exists():
