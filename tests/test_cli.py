@@ -84,11 +84,18 @@ def test_train_and_resume_cli(tmp_path):
     r = danlab("train", "--resume", str(tmp_path / "run"), "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 4
-    r = danlab("train", "--resume", str(tmp_path / "run"), "--set", "train.lr=0.5", "--quiet")
-    assert r.returncode == 2 and "train.lr" in r.stderr
+    r = danlab("train", "--resume", str(tmp_path / "run"), "--set", "train.Nt=4", "--quiet")
+    assert r.returncode == 2 and "train.Nt" in r.stderr
+    # a warm restart: more steps with a new learning rate, recorded in the schedule history
+    r = danlab("train", "--resume", str(tmp_path / "run"), "--set", "train.steps=6", "--set", "train.lr=0.002", "--quiet")
+    assert r.returncode == 0, r.stderr
+    history = [{"step": 4, "set": {"lr": 0.002, "steps": 6}}]
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["schedule_history"] == history
     r = danlab("export", str(tmp_path / "run"), str(tmp_path / "w"), "--cycles", "100", "--burn-in", "20", "--batch", "2")
     assert r.returncode == 0, r.stderr
     prov = json.loads((tmp_path / "w" / "provenance.json").read_text())
-    assert prov["step"] in (2, 4) and "danlab eval" in prov["evaluation"]["command"]
+    assert prov["step"] in (2, 4, 6) and "danlab eval" in prov["evaluation"]["command"]
+    assert prov["schedule_history"] == (history if prov["step"] == 6 else [])
+    assert ("resumed at step 4" in (tmp_path / "w" / "README.md").read_text()) == (prov["step"] == 6)
     for f in ("model.json", "curve.png", "metrics.csv", "README.md"):
         assert (tmp_path / "w" / f).is_file()
