@@ -156,11 +156,9 @@ class Trainer:
             self.history.append({"step": self.step, "set": changed})
 
     # ---- the loop ----------------------------------------------------------------------------
-    def train_step(self) -> tuple[float, float, int, bool]:
+    def window_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """N_iter chained cycles from the current states, differentiable throughout: (loss, last E^a, last truth)."""
         tc = self.cfg.train
-        lr = lr_at(self.step, tc)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
         amp = torch.autocast(device_type=torch.device(tc.device).type, dtype=torch.bfloat16) if tc.bf16 else nullcontext()
         E, loss = self.E, 0.0
         for _ in range(tc.N_iter):
@@ -172,7 +170,14 @@ class Trainer:
                 loss = loss + (E - x.unsqueeze(1)).pow(2).mean()
             else:  # observations only: the forecast must fit the new observations
                 loss = loss + obs.innovation(Ef).pow(2).sum(-1).div(obs.Ny.unsqueeze(-1)).mean()
-        loss = loss / tc.N_iter
+        return loss / tc.N_iter, E, x
+
+    def train_step(self) -> tuple[float, float, int, bool]:
+        tc = self.cfg.train
+        lr = lr_at(self.step, tc)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        loss, E, x = self.window_loss()
         self.opt.zero_grad(set_to_none=True)
         ok = bool(torch.isfinite(loss))
         if ok:

@@ -1,0 +1,105 @@
+"""Gradient noise scale of a training run at its checkpoint: how large a batch of trajectories the
+gradient needs before more trajectories stop helping (McCandlish et al. 2018, "B_simple").
+
+    python benchmarks/gradient_noise.py RUN_DIR [RUN_DIR ...] [--K 8] [--Nt 128] [--settle 300] [--threads 1]
+
+For each run: K independent batches of Nt trajectories (fresh seeds), settled into the network's own
+filtering regime by `settle` cycles of the checkpoint's a_θ, then one gradient of the training loss (the
+trainer's own window of N_iter cycles). With g_i the K batch gradients and ḡ their mean (batch K·Nt):
+E|g_i|² = |G|² + tr(Σ)/Nt and E|ḡ|² = |G|² + tr(Σ)/(K·Nt) give the true gradient |G|² and the
+per-trajectory noise tr(Σ); B_noise = tr(Σ)/|G|² (in trajectories of N_iter cycles). B_noise ≫ Nt: the
+gradient is noise-dominated (larger batches help); B_noise ≪ Nt: every batch agrees, and a sharp
+direction, not noise, is what the optimiser fights. Also per layer: the norm of ḡ and the agreement
+(cosine) between two batches. Writes docs/results/gradient_noise.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import command_line, markdown_table, provenance  # noqa: E402
+
+from danlab.io import atomic_write_text, write_json  # noqa: E402
+from danlab.training.checkpoint import load_state_strict, read_checkpoint  # noqa: E402
+from danlab.training.config import TrainRunConfig  # noqa: E402
+from danlab.training.trainer import TRAIN_FORMAT, Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def batch_gradients(run_dir: Path, K: int, Nt: int, settle: int) -> tuple[torch.Tensor, list[str], list[int], int]:
+    """(K, P) gradients of the training loss at the run's checkpoint, from K independent batches."""
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())
+    data["train"].update(Nt=Nt, threads=None, compile=False)
+    tensors, meta = read_checkpoint(run_dir, "checkpoint", TRAIN_FORMAT)
+    weights = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+    grads = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in range(K):
+            data["seed"] = 10_000 + s  # none of these is a training or validation seed
+            tr = Trainer(TrainRunConfig.model_validate(data), tmp)
+            load_state_strict(tr.net, weights, str(run_dir))
+            with torch.no_grad():
+                for _ in range(settle // tr.cfg.train.N_iter):
+                    _, tr.E, _ = tr.window_loss()
+            loss, _, _ = tr.window_loss()
+            tr.net.zero_grad(set_to_none=True)
+            loss.backward()
+            grads.append(torch.cat([p.grad.flatten().double() for p in tr.net.parameters()]))
+    names = [n for n, _ in tr.net.named_parameters()]
+    return torch.stack(grads), names, [p.numel() for p in tr.net.parameters()], int(meta["step"])
+
+
+def noise_scale(G: torch.Tensor, Nt: int) -> dict:
+    K = G.shape[0]
+    small, big = float(G.pow(2).sum(1).mean()), float(G.mean(0).pow(2).sum())
+    g2 = (K * big - small) / (K - 1)
+    trS = (small - big) / (1 / Nt - 1 / (K * Nt))
+    return {"g2_batch": small, "g2_mean": big, "G2": g2, "trace_sigma": trS, "B_noise": trS / g2 if g2 > 0 else float("inf")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="training run folders (with checkpoint.json)")
+    ap.add_argument("--K", type=int, default=8, help="independent batches")
+    ap.add_argument("--Nt", type=int, default=128, help="trajectories per batch")
+    ap.add_argument("--settle", type=int, default=300, help="cycles of the checkpoint's filter before the gradient")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    a = ap.parse_args()
+    if a.K < 2:
+        ap.error("--K must be at least 2")
+    torch.set_num_threads(a.threads)
+    results, text = [], [f"# Gradient noise scale\n\nProduced by `{command_line()}` ({provenance()}).\n"]
+    for run in a.runs:
+        G, names, sizes, step = batch_gradients(Path(run), a.K, a.Nt, a.settle)
+        ns = noise_scale(G, a.Nt)
+        layers, off = [], 0
+        for n, size in zip(names, sizes):
+            seg = G[:, off:off + size]
+            off += size
+            cos = float(torch.nn.functional.cosine_similarity(seg[0], seg[1], dim=0))
+            layers.append({"param": n, "mean_grad_norm": float(seg.mean(0).norm()), "cos_two_batches": cos})
+        results.append({"run": str(run), "step": step, "K": a.K, "Nt": a.Nt, "settle": a.settle, **ns, "layers": layers})
+        top = sorted(layers, key=lambda r: -r["mean_grad_norm"])[:6]
+        text.append(f"\n## {run} (step {step})\n\n|G| = {ns['G2'] ** 0.5:.4f}, tr(Σ) = {ns['trace_sigma']:.4g} per trajectory, "
+                    f"**B_noise = {ns['B_noise']:.0f} trajectories** (batches of N_t = {a.Nt}, K = {a.K}, "
+                    f"{a.settle} settling cycles).\n\nLargest mean-gradient parameters:\n\n")
+        text.append(markdown_table(["parameter", "norm of the mean gradient", "cosine between two batches"],
+                                   [[r["param"], r["mean_grad_norm"], r["cos_two_batches"]] for r in top]))
+        print(f"{run}: step {step}, B_noise {ns['B_noise']:.1f} trajectories, |G| {ns['G2'] ** 0.5:.4f}", flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "gradient_noise.json", {"command": command_line(), "results": results})
+    atomic_write_text(out / "gradient_noise.md", "".join(text))
+
+
+if __name__ == "__main__":
+    main()
