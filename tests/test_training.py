@@ -43,6 +43,31 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert strip(tmp_path / "a" / "metrics.csv") == strip(tmp_path / "b" / "metrics.csv")
 
 
+def test_head_learning_rate_and_its_change_on_resume(tmp_path):
+    """lr_head scales the output layer's and the gain's learning rate; switching it on resume keeps every
+    parameter's Adam state, and a two-group run resumes exactly."""
+    train(tiny(), tmp_path / "a", stop_after=2, progress=False)
+    t = Trainer(tiny(lr_head=0.1), tmp_path / "a")
+    t.load()
+    heads = [g for g in t.opt.param_groups if g["lr_scale"] == 0.1]
+    assert len(t.opt.param_groups) == 2 and sorted(heads[0]["names"]) == ["gain", "out.bias", "out.weight"]
+    assert all(int(t.opt.state[p]["step"]) == 2 for p in t.net.parameters())
+    before = {n: p.detach().clone() for n, p in t.net.named_parameters()}
+    t.train_step()
+    lrs = {g["lr_scale"]: g["lr"] for g in t.opt.param_groups}
+    assert lrs[0.1] == pytest.approx(0.1 * lrs[1.0])
+    assert all(int(t.opt.state[p]["step"]) == 3 for p in t.net.parameters())
+    assert not torch.equal(before["gain"], t.net.gain)
+    # a run with two groups, interrupted and resumed, equals the uninterrupted one
+    train(tiny(lr_head=0.1), tmp_path / "b", progress=False)
+    train(tiny(lr_head=0.1), tmp_path / "c", stop_after=5, progress=False)
+    train(tiny(lr_head=0.1), tmp_path / "c", resume=True, progress=False)
+    b, c = Trainer(tiny(lr_head=0.1), tmp_path / "b"), Trainer(tiny(lr_head=0.1), tmp_path / "c")
+    b.load()
+    c.load()
+    assert all(torch.equal(p, q) for p, q in zip(b.net.parameters(), c.net.parameters()))
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     train(tiny(), tmp_path, stop_after=2, progress=False)
     with pytest.raises(CheckpointError, match="train.Nt differ"):

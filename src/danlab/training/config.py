@@ -18,6 +18,8 @@ class TrainConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     lr_min: float = Field(1e-5, ge=0, description="learning rate at the end of the cosine decay")
     warmup: int = Field(200, ge=0, description="linear warm-up steps")
+    lr_head: float = Field(1.0, gt=0, description="learning-rate factor of the output layer and the gain "
+                                                   "(a sharp direction: a uniform increment is barely damped by the cycles)")
     clip: float = Field(1.0, gt=0, description="gradient norm clipping")
     loss: Literal["supervised", "semisupervised"] = "supervised"
     init_std: float = Field(1.0, ge=0, description="initial ensemble: truth + N(0, init_std^2)")

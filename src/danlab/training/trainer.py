@@ -39,7 +39,8 @@ RUNTIME_KNOBS = {"device", "threads", "bf16", "compile", "checkpoint_every_s", "
 # the learning-rate schedule of the steps still to come may change too (a warm restart, a longer or shorter
 # decay); the state (parameters, Adam moments, trajectories, RNGs) carries over unchanged, and every such
 # change is recorded in the run's schedule history, which goes into the provenance of exported weights
-SCHEDULE_KNOBS = {"steps", "lr", "lr_min", "warmup"}
+SCHEDULE_KNOBS = {"steps", "lr", "lr_min", "warmup", "lr_head"}
+HEAD = ("out.", "gain")  # parameters whose learning rate is lr × lr_head
 METRICS = ["step", "wall_s", "lr", "loss", "train_rmse", "resets", "skipped", "val_armse", "val_ci"]
 
 
@@ -93,7 +94,7 @@ class Trainer:
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=init)))
             self.net = build_net(cfg.net).to(tc.device)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=tc.lr)
+        self.opt = torch.optim.Adam(self.param_groups(), lr=tc.lr)
         self.twin = TwinStream(self.model, self.observer, tc.Nt, cfg.seed, ids=None, dtype=torch.float32, device=tc.device)
         self.reset_rng = BatchRNG(cfg.seed, "reset", tc.Nt)
         self.E = initial_ensemble(self.twin.x, tc.Ne, BatchRNG(cfg.seed, "init", tc.Nt), tc.init_std)
@@ -102,6 +103,17 @@ class Trainer:
         self.history: list[dict] = []  # schedule changes made on resume: [{"step": s, "set": {knob: value}}]
         # the analysis is the learned filter's own, compiled or not
         self.filter = Learned.from_net(torch.compile(self.net) if tc.compile else self.net, tc.Ne)
+
+    def param_groups(self) -> list[dict]:
+        """Adam's groups: the body at lr, the head (output layer and gain) at lr × lr_head."""
+        named = list(self.net.named_parameters())
+        if self.cfg.train.lr_head == 1.0:
+            groups = [(named, 1.0)]
+        else:
+            groups = [([(n, p) for n, p in named if not n.startswith(HEAD)], 1.0),
+                      ([(n, p) for n, p in named if n.startswith(HEAD)], self.cfg.train.lr_head)]
+        # the names travel with the checkpoint: they say which parameter each saved Adam state belongs to
+        return [{"params": [p for _, p in g], "names": [n for n, _ in g], "lr_scale": s} for g, s in groups]
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -137,7 +149,15 @@ class Trainer:
                 if k.startswith("optim."):
                     _, i, name = k.split(".", 2)
                     state.setdefault(int(i), {})[name] = v
-            self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            # load into the groups the run was saved with, then carry each parameter's Adam state over
+            by_name = dict(self.net.named_parameters())
+            names = [n for g in meta["param_groups"] for n in g.get("names", [])] or list(by_name)  # older runs: one group
+            order = [by_name[n] for n in names]
+            saved = torch.optim.Adam([{"params": [order[i] for i in g["params"]]} for g in meta["param_groups"]])
+            saved.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            for p in order:
+                if p in saved.state:
+                    self.opt.state[p] = saved.state[p]
             self.E, x = t["state.E"].to(self.cfg.train.device), t["state.x"].to(self.cfg.train.device)
             rngs = {n: [t[f"rng.{n}.{j}"] for j in range(len(r.gens))]
                     for n, r in (("truth", self.twin.truth_rng), ("obs", self.twin.obs_rng), ("reset", self.reset_rng))}
@@ -176,7 +196,7 @@ class Trainer:
         tc = self.cfg.train
         lr = lr_at(self.step, tc)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         loss, E, x = self.window_loss()
         self.opt.zero_grad(set_to_none=True)
         ok = bool(torch.isfinite(loss))
