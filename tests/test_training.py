@@ -58,6 +58,13 @@ def test_head_learning_rate_and_its_change_on_resume(tmp_path):
     assert lrs[0.1] == pytest.approx(0.1 * lrs[1.0])
     assert all(int(t.opt.state[p]["step"]) == 3 for p in t.net.parameters())
     assert not torch.equal(before["gain"], t.net.gain)
+    # a run saved before a schedule knob existed resumes with its default without recording a change
+    meta = json.loads((tmp_path / "a" / "checkpoint.json").read_text())
+    del meta["config"]["train"]["lr_head"]
+    (tmp_path / "a" / "checkpoint.json").write_text(json.dumps(meta))
+    old = Trainer(tiny(), tmp_path / "a")
+    old.load()
+    assert old.history == []
     # a run with two groups, interrupted and resumed, equals the uninterrupted one
     train(tiny(lr_head=0.1), tmp_path / "b", progress=False)
     train(tiny(lr_head=0.1), tmp_path / "c", stop_after=5, progress=False)

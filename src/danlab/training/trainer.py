@@ -171,7 +171,9 @@ class Trainer:
         self.best, self.threshold = float(meta["best_val_armse"]), float(meta["threshold"])
         self.history = list(meta.get("schedule_history", []))
         old = meta["config"]["train"]
-        changed = {k: getattr(self.cfg.train, k) for k in sorted(SCHEDULE_KNOBS) if old.get(k) != getattr(self.cfg.train, k)}
+        default = {k: type(self.cfg.train).model_fields[k].default for k in SCHEDULE_KNOBS}  # knobs newer than the run
+        changed = {k: getattr(self.cfg.train, k) for k in sorted(SCHEDULE_KNOBS)
+                   if old.get(k, default[k]) != getattr(self.cfg.train, k)}
         if changed:
             self.history.append({"step": self.step, "set": changed})
 
