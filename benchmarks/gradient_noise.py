@@ -21,11 +21,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import command_line, markdown_table, provenance  # noqa: E402
 
+from danlab.config import load_config  # noqa: E402
 from danlab.io import atomic_write_text, write_json  # noqa: E402
 from danlab.training.checkpoint import load_state_strict, read_checkpoint  # noqa: E402
 from danlab.training.config import TrainRunConfig  # noqa: E402
@@ -34,17 +34,15 @@ from danlab.training.trainer import TRAIN_FORMAT, Trainer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def batch_gradients(run_dir: Path, K: int, Nt: int, settle: int) -> tuple[torch.Tensor, list[str], list[int], int]:
+def batch_gradients(run_dir: Path, K: int, Nt: int, settle: int, threads: int) -> tuple[torch.Tensor, list[str], list[int], int]:
     """(K, P) gradients of the training loss at the run's checkpoint, from K independent batches."""
-    data = yaml.safe_load((run_dir / "config.yaml").read_text())
-    data["train"].update(Nt=Nt, threads=None, compile=False)
+    over = [f"train.Nt={Nt}", f"train.threads={threads}", "train.compile=false"]
     tensors, meta = read_checkpoint(run_dir, "checkpoint", TRAIN_FORMAT)
     weights = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
     grads = []
     with tempfile.TemporaryDirectory() as tmp:
-        for s in range(K):
-            data["seed"] = 10_000 + s  # none of these is a training or validation seed
-            tr = Trainer(TrainRunConfig.model_validate(data), tmp)
+        for s in range(K):  # seeds 10,000 + s: none of them is a training or validation seed
+            tr = Trainer(load_config(TrainRunConfig, run_dir / "config.yaml", over + [f"seed={10_000 + s}"]), tmp)
             load_state_strict(tr.net, weights, str(run_dir))
             with torch.no_grad():
                 for _ in range(settle // tr.cfg.train.N_iter):
@@ -79,7 +77,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     results, text = [], [f"# Gradient noise scale\n\nProduced by `{command_line()}` ({provenance()}).\n"]
     for run in a.runs:
-        G, names, sizes, step = batch_gradients(Path(run), a.K, a.Nt, a.settle)
+        G, names, sizes, step = batch_gradients(Path(run), a.K, a.Nt, a.settle, a.threads)
         ns = noise_scale(G, a.Nt)
         layers, off = [], 0
         for n, size in zip(names, sizes):

@@ -107,11 +107,8 @@ class Trainer:
     def param_groups(self) -> list[dict]:
         """Adam's groups: the body at lr, the head (output layer and gain) at lr × lr_head."""
         named = list(self.net.named_parameters())
-        if self.cfg.train.lr_head == 1.0:
-            groups = [(named, 1.0)]
-        else:
-            groups = [([(n, p) for n, p in named if not n.startswith(HEAD)], 1.0),
-                      ([(n, p) for n, p in named if n.startswith(HEAD)], self.cfg.train.lr_head)]
+        groups = [([(n, p) for n, p in named if not n.startswith(HEAD)], 1.0),
+                  ([(n, p) for n, p in named if n.startswith(HEAD)], self.cfg.train.lr_head)]
         # the names travel with the checkpoint: they say which parameter each saved Adam state belongs to
         return [{"params": [p for _, p in g], "names": [n for n, _ in g], "lr_scale": s} for g, s in groups]
 
