@@ -7,7 +7,7 @@ from danlab.learned import Learned, load_net, save_net
 from danlab.nets import NetConfig, build_net
 from danlab.training.checkpoint import CheckpointError
 from danlab.training.config import TrainRunConfig
-from danlab.training.trainer import Trainer, train
+from danlab.training.trainer import Trainer, train, validate
 
 TINY = {"net": {"Nf": 8, "Nbl": 1, "Nl": 2}, "train": {"Nt": 16, "N_iter": 3, "steps": 8, "warmup": 2, "lr": 3e-3,
         "val_every": 4, "val_cycles": 40, "val_burn_in": 10, "val_batch": 2, "log_every": 1}}
@@ -73,6 +73,40 @@ def test_head_learning_rate_and_its_change_on_resume(tmp_path):
     b.load()
     c.load()
     assert all(torch.equal(p, q) for p, q in zip(b.net.parameters(), c.net.parameters()))
+
+
+def test_weight_averaging(tmp_path):
+    """ema keeps avg = ema·avg + (1 − ema)·θ after each step; it may be switched on at a resume (starting from
+    the current weights, recorded), the averaged network is the one validated, and a resumed run is exact."""
+    t = Trainer(tiny(ema=0.75), tmp_path / "x")
+    avg0 = {k: v.clone() for k, v in t.avg.state_dict().items()}
+    assert all(torch.equal(v, t.net.state_dict()[k]) for k, v in avg0.items())
+    t.train_step()
+    for k, v in t.net.state_dict().items():
+        assert torch.allclose(t.avg.state_dict()[k], 0.75 * avg0[k] + 0.25 * v, atol=1e-7), k
+    assert not torch.equal(t.avg.gain, t.net.gain)
+    # switched on at a resume: starts from the trained weights, recorded in the history
+    train(tiny(), tmp_path / "a", stop_after=4, progress=False)
+    t = Trainer(tiny(ema=0.75), tmp_path / "a")
+    t.load()
+    assert all(torch.equal(p, q) for p, q in zip(t.avg.parameters(), t.net.parameters()))
+    assert t.history == [{"step": 4, "set": {"ema": 0.75}}]
+    train(tiny(ema=0.75), tmp_path / "a", resume=True, progress=False)
+    t = Trainer(tiny(ema=0.75), tmp_path / "a")
+    t.load()
+    last = (tmp_path / "a" / "metrics.csv").read_text().splitlines()[-1].split(",")
+    va, _ = validate(t.cfg, t.avg)
+    assert last[0] == "8" and float(last[7]) == pytest.approx(va, abs=1e-4)
+    assert float(last[9]) == pytest.approx(validate(t.cfg, t.net)[0], abs=1e-4)
+    # interrupted and resumed = uninterrupted, the average included
+    train(tiny(ema=0.75), tmp_path / "b", progress=False)
+    train(tiny(ema=0.75), tmp_path / "c", stop_after=3, progress=False)
+    train(tiny(ema=0.75), tmp_path / "c", resume=True, progress=False)
+    b, c = Trainer(tiny(ema=0.75), tmp_path / "b"), Trainer(tiny(ema=0.75), tmp_path / "c")
+    b.load()
+    c.load()
+    assert all(torch.equal(p, q) for p, q in zip(b.net.parameters(), c.net.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(b.avg.parameters(), c.avg.parameters()))
 
 
 def test_resume_refuses_a_different_config(tmp_path):

@@ -20,6 +20,8 @@ class TrainConfig(Strict):
     warmup: int = Field(200, ge=0, description="linear warm-up steps")
     lr_head: float = Field(1.0, gt=0, description="learning-rate factor of the output layer and the gain "
                                                    "(a sharp direction: a uniform increment is barely damped by the cycles)")
+    ema: float = Field(0.0, ge=0, lt=1, description="weight averaging: the validated and kept network is the exponential "
+                                                     "moving average of the weights with this decay per step (0: off)")
     clip: float = Field(1.0, gt=0, description="gradient norm clipping")
     loss: Literal["supervised", "semisupervised"] = "supervised"
     init_std: float = Field(1.0, ge=0, description="initial ensemble: truth + N(0, init_std^2)")

@@ -83,7 +83,9 @@ def export(run_dir: str | Path, dest: str | Path, cycles: int = 10_000, burn_in:
         f"code {meta['code_version']}\n"
         f"- aRMSE {score['armse']:.4f} ± {score['armse_ci']:.4f} over {batch} held-out trajectories × {cycles} cycles "
         f"after {burn_in} of burn-in: `{prov['evaluation']['command']}`\n"
-        + "".join(f"- resumed at step {h['step']} with a new learning-rate schedule: "
+        + (f"- the weights are the exponential moving average of the trained ones (decay {t['ema']} per step)\n"
+           if t.get("ema") else "")
+        + "".join(f"- resumed at step {h['step']} with a new schedule: "
                   + ", ".join(f"{k} = {v}" for k, v in h["set"].items()) + "\n" for h in prov["schedule_history"])
         + "- training curve: `curve.png`, `metrics.csv`; everything else: `provenance.json`\n"))
     return prov

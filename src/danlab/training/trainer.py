@@ -12,6 +12,7 @@ seeded stream, so a resumed run draws the same resets); a step with a non-finite
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import math
@@ -38,10 +39,12 @@ TRAIN_FORMAT = "danlab-train/1"
 RUNTIME_KNOBS = {"device", "threads", "bf16", "compile", "checkpoint_every_s", "log_every", "val_every"}
 # the learning-rate schedule of the steps still to come may change too (a warm restart, a longer or shorter
 # decay); the state (parameters, Adam moments, trajectories, RNGs) carries over unchanged, and every such
-# change is recorded in the run's schedule history, which goes into the provenance of exported weights
-SCHEDULE_KNOBS = {"steps", "lr", "lr_min", "warmup", "lr_head"}
+# change is recorded in the run's schedule history, which goes into the provenance of exported weights;
+# so may the weight averaging (ema), which never feeds back into the training itself
+SCHEDULE_KNOBS = {"steps", "lr", "lr_min", "warmup", "lr_head", "ema"}
 HEAD = ("out.", "gain")  # parameters whose learning rate is lr × lr_head
-METRICS = ["step", "wall_s", "lr", "loss", "train_rmse", "resets", "skipped", "val_armse", "val_ci"]
+# val_armse is the validated (and saved) network's: the averaged one when ema > 0, whose raw weights score val_raw_armse
+METRICS = ["step", "wall_s", "lr", "loss", "train_rmse", "resets", "skipped", "val_armse", "val_ci", "val_raw_armse"]
 
 
 def _science(cfg) -> dict:
@@ -95,6 +98,8 @@ class Trainer:
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=init)))
             self.net = build_net(cfg.net).to(tc.device)
         self.opt = torch.optim.Adam(self.param_groups(), lr=tc.lr)
+        # Polyak averaging: an exponential moving average of the weights, the network that is validated and kept
+        self.avg = copy.deepcopy(self.net).requires_grad_(False) if tc.ema else None
         self.twin = TwinStream(self.model, self.observer, tc.Nt, cfg.seed, ids=None, dtype=torch.float32, device=tc.device)
         self.reset_rng = BatchRNG(cfg.seed, "reset", tc.Nt)
         self.E = initial_ensemble(self.twin.x, tc.Ne, BatchRNG(cfg.seed, "init", tc.Nt), tc.init_std)
@@ -115,6 +120,8 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         t = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        if self.avg is not None:
+            t |= {f"ema.{k}": v for k, v in self.avg.state_dict().items()}
         osd = self.opt.state_dict()
         for i, st in osd["state"].items():
             for k, v in st.items():
@@ -141,6 +148,9 @@ class Trainer:
             raise CheckpointError(f"{self.dir}/checkpoint.json: saved with a different config ({', '.join(diff)} differ)")
         try:
             load_state_strict(self.net, {k[4:]: v for k, v in t.items() if k.startswith("net.")}, str(self.dir))
+            if self.avg is not None:  # averaging switched on at this resume starts from the current weights
+                avg = {k[4:]: v for k, v in t.items() if k.startswith("ema.")}
+                load_state_strict(self.avg, avg or self.net.state_dict(), str(self.dir))
             state: dict = {}
             for k, v in t.items():
                 if k.startswith("optim."):
@@ -203,6 +213,8 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), tc.clip)
             self.opt.step()
+            if self.avg is not None:
+                self.average()
         with torch.no_grad():
             E = E.detach()
             r = rmse(E.mean(1), x)
@@ -214,6 +226,20 @@ class Trainer:
             self.E = E
         self.step += 1
         return float(loss.detach()), float(r[~bad].mean()) if n_bad < len(r) else float("nan"), n_bad, ok
+
+    @torch.no_grad()
+    def average(self) -> None:
+        """avg ← ema·avg + (1 − ema)·θ, for every floating-point tensor of the network."""
+        for a, p in zip(self.avg.state_dict().values(), self.net.state_dict().values()):
+            if a.is_floating_point():
+                a.lerp_(p, 1 - self.cfg.train.ema)
+            else:
+                a.copy_(p)
+
+    @property
+    def kept(self) -> torch.nn.Module:
+        """The network that is validated, saved as best and exported: the average when there is one."""
+        return self.net if self.avg is None else self.avg
 
     def log(self, row: dict) -> None:
         path = self.dir / "metrics.csv"
@@ -260,11 +286,13 @@ class Trainer:
                        "loss": f"{loss:.5g}", "train_rmse": f"{r:.4f}", "resets": resets, "skipped": skipped}
                 resets = skipped = 0
             if self.step % tc.val_every == 0 or self.step == tc.steps:
-                va, ci = validate(self.cfg, self.net)
+                va, ci = validate(self.cfg, self.kept)
                 row = (row or {"step": self.step, "wall_s": f"{self.wall_s:.1f}"}) | {"val_armse": f"{va:.4f}", "val_ci": f"{ci:.4f}"}
+                if self.avg is not None:
+                    row["val_raw_armse"] = f"{validate(self.cfg, self.net)[0]:.4f}"
                 if va < self.best:
                     self.best = va
-                    save_net(self.dir / "best", self.net, self.provenance(va, ci))
+                    save_net(self.dir / "best", self.kept, self.provenance(va, ci))
                 bar.set_postfix_str(f"val {va:.3f}", refresh=False)
             if row:
                 self.log(row)
