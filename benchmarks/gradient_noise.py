@@ -10,7 +10,9 @@ E|g_i|² = |G|² + tr(Σ)/Nt and E|ḡ|² = |G|² + tr(Σ)/(K·Nt) give the true
 per-trajectory noise tr(Σ); B_noise = tr(Σ)/|G|² (in trajectories of N_iter cycles). B_noise ≫ Nt: the
 gradient is noise-dominated (larger batches help); B_noise ≪ Nt: every batch agrees, and a sharp
 direction, not noise, is what the optimiser fights. Also per layer: the norm of ḡ and the agreement
-(cosine) between two batches. Writes docs/results/gradient_noise.{md,json}.
+(cosine) between two batches; and the precision of the gradient: each batch's window is replayed with the
+other setting of bf16 autocast, and the norm of the difference is compared with |G| and with the batch noise
+√(tr(Σ)/Nt). Writes docs/results/gradient_noise.{md,json}.
 """
 
 from __future__ import annotations
@@ -34,12 +36,21 @@ from danlab.training.trainer import TRAIN_FORMAT, Trainer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def batch_gradients(run_dir: Path, K: int, Nt: int, settle: int, threads: int) -> tuple[torch.Tensor, list[str], list[int], int]:
-    """(K, P) gradients of the training loss at the run's checkpoint, from K independent batches."""
+def _gradient(tr: Trainer) -> torch.Tensor:
+    loss, _, _ = tr.window_loss()
+    tr.net.zero_grad(set_to_none=True)
+    loss.backward()
+    return torch.cat([p.grad.flatten().double() for p in tr.net.parameters()])
+
+
+def batch_gradients(run_dir: Path, K: int, Nt: int, settle: int,
+                    threads: int) -> tuple[torch.Tensor, torch.Tensor, list[str], list[int], int, bool]:
+    """(K, P) gradients of the training loss at the run's checkpoint, from K independent batches, and the
+    same K windows replayed with bf16 autocast switched the other way."""
     over = [f"train.Nt={Nt}", f"train.threads={threads}", "train.compile=false"]
     tensors, meta = read_checkpoint(run_dir, "checkpoint", TRAIN_FORMAT)
     weights = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
-    grads = []
+    grads, other = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for s in range(K):  # seeds 10,000 + s: none of them is a training or validation seed
             tr = Trainer(load_config(TrainRunConfig, run_dir / "config.yaml", over + [f"seed={10_000 + s}"]), tmp)
@@ -47,12 +58,15 @@ def batch_gradients(run_dir: Path, K: int, Nt: int, settle: int, threads: int) -
             with torch.no_grad():
                 for _ in range(settle // tr.cfg.train.N_iter):
                     _, tr.E, _ = tr.window_loss()
-            loss, _, _ = tr.window_loss()
-            tr.net.zero_grad(set_to_none=True)
-            loss.backward()
-            grads.append(torch.cat([p.grad.flatten().double() for p in tr.net.parameters()]))
+            E, twin = tr.E, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in tr.twin.state_dict().items()}
+            grads.append(_gradient(tr))
+            tr.E = E
+            tr.twin.load_state_dict(twin)
+            bf16 = tr.cfg.train.bf16
+            tr.cfg = tr.cfg.model_copy(update={"train": tr.cfg.train.model_copy(update={"bf16": not bf16})})
+            other.append(_gradient(tr))
     names = [n for n, _ in tr.net.named_parameters()]
-    return torch.stack(grads), names, [p.numel() for p in tr.net.parameters()], int(meta["step"])
+    return torch.stack(grads), torch.stack(other), names, [p.numel() for p in tr.net.parameters()], int(meta["step"]), bf16
 
 
 def noise_scale(G: torch.Tensor, Nt: int) -> dict:
@@ -77,8 +91,11 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     results, text = [], [f"# Gradient noise scale\n\nProduced by `{command_line()}` ({provenance()}).\n"]
     for run in a.runs:
-        G, names, sizes, step = batch_gradients(Path(run), a.K, a.Nt, a.settle, a.threads)
+        G, G_other, names, sizes, step, bf16 = batch_gradients(Path(run), a.K, a.Nt, a.settle, a.threads)
         ns = noise_scale(G, a.Nt)
+        diff, bias = float((G - G_other).norm(dim=1).mean()), float((G - G_other).mean(0).norm())
+        ns["precision"] = {"run_bf16": bf16, "grad_diff_norm": diff, "mean_grad_diff_norm": bias, "grad_norm": float(G.norm(dim=1).mean()),
+                           "batch_noise_norm": (ns["trace_sigma"] / a.Nt) ** 0.5}
         layers, off = [], 0
         for n, size in zip(names, sizes):
             seg = G[:, off:off + size]
@@ -89,10 +106,15 @@ def main() -> None:
         top = sorted(layers, key=lambda r: -r["mean_grad_norm"])[:6]
         text.append(f"\n## {run} (step {step})\n\n|G| = {ns['G2'] ** 0.5:.4f}, tr(Σ) = {ns['trace_sigma']:.4g} per trajectory, "
                     f"**B_noise = {ns['B_noise']:.0f} trajectories** (batches of N_t = {a.Nt}, K = {a.K}, "
-                    f"{a.settle} settling cycles).\n\nLargest mean-gradient parameters:\n\n")
+                    f"{a.settle} settling cycles).\n\nPrecision: the same windows with bf16 autocast "
+                    f"{'off' if bf16 else 'on'} change the batch gradient by {diff:.3g} (norm, mean over the batches; the norm of the mean "
+                    f"change, its systematic part, is {bias:.3g}, where random changes would give {diff / a.K ** 0.5:.3g}), "
+                    f"against a batch gradient of norm {ns['precision']['grad_norm']:.3g}, |G| = {ns['G2'] ** 0.5:.3g} "
+                    f"and a batch noise of {ns['precision']['batch_noise_norm']:.3g}.\n\nLargest mean-gradient parameters:\n\n")
         text.append(markdown_table(["parameter", "norm of the mean gradient", "cosine between two batches"],
                                    [[r["param"], r["mean_grad_norm"], r["cos_two_batches"]] for r in top]))
-        print(f"{run}: step {step}, B_noise {ns['B_noise']:.1f} trajectories, |G| {ns['G2'] ** 0.5:.4f}", flush=True)
+        print(f"{run}: step {step}, B_noise {ns['B_noise']:.1f} trajectories, |G| {ns['G2'] ** 0.5:.4f}, "
+              f"bf16 vs fp32 gradient difference {diff:.3g}", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "gradient_noise.json", {"command": command_line(), "results": results})
