@@ -27,20 +27,27 @@ def test_loss_falls_on_a_tiny_problem(tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
+def whole_and_resumed(cfg: TrainRunConfig, tmp_path, stop_after: int) -> tuple[Trainer, Trainer]:
+    """The run trained in one go (in tmp_path/whole) and interrupted after `stop_after` steps then resumed
+    (in tmp_path/resumed), both loaded from their final checkpoints."""
+    train(cfg, tmp_path / "whole", progress=False)
+    train(cfg, tmp_path / "resumed", stop_after=stop_after, progress=False)
+    assert json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())["step"] == stop_after
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    whole, resumed = Trainer(cfg, tmp_path / "whole"), Trainer(cfg, tmp_path / "resumed")
+    whole.load()
+    resumed.load()
+    return whole, resumed
+
+
 def test_resumed_run_equals_uninterrupted(tmp_path):
-    train(tiny(), tmp_path / "a", progress=False)
-    train(tiny(), tmp_path / "b", stop_after=3, progress=False)
-    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 3
-    train(tiny(), tmp_path / "b", resume=True, progress=False)
-    a, b = Trainer(tiny(), tmp_path / "a"), Trainer(tiny(), tmp_path / "b")
-    a.load()
-    b.load()
+    a, b = whole_and_resumed(tiny(), tmp_path, stop_after=3)
     assert a.step == b.step == 8
     for (n, p), q in zip(a.net.named_parameters(), b.net.parameters()):
         assert torch.equal(p, q), n
     assert torch.equal(a.E, b.E) and torch.equal(a.twin.x, b.twin.x)
     strip = lambda p: [line.split(",")[:1] + line.split(",")[2:] for line in p.read_text().splitlines()]
-    assert strip(tmp_path / "a" / "metrics.csv") == strip(tmp_path / "b" / "metrics.csv")
+    assert strip(tmp_path / "whole" / "metrics.csv") == strip(tmp_path / "resumed" / "metrics.csv")
 
 
 def test_head_learning_rate_and_its_change_on_resume(tmp_path):
@@ -66,12 +73,7 @@ def test_head_learning_rate_and_its_change_on_resume(tmp_path):
     old.load()
     assert old.history == []
     # a run with two groups, interrupted and resumed, equals the uninterrupted one
-    train(tiny(lr_head=0.1), tmp_path / "b", progress=False)
-    train(tiny(lr_head=0.1), tmp_path / "c", stop_after=5, progress=False)
-    train(tiny(lr_head=0.1), tmp_path / "c", resume=True, progress=False)
-    b, c = Trainer(tiny(lr_head=0.1), tmp_path / "b"), Trainer(tiny(lr_head=0.1), tmp_path / "c")
-    b.load()
-    c.load()
+    b, c = whole_and_resumed(tiny(lr_head=0.1), tmp_path, stop_after=5)
     assert all(torch.equal(p, q) for p, q in zip(b.net.parameters(), c.net.parameters()))
 
 
@@ -99,12 +101,7 @@ def test_weight_averaging(tmp_path):
     assert last[0] == "8" and float(last[7]) == pytest.approx(va, abs=1e-4)
     assert float(last[9]) == pytest.approx(validate(t.cfg, t.net)[0], abs=1e-4)
     # interrupted and resumed = uninterrupted, the average included
-    train(tiny(ema=0.75), tmp_path / "b", progress=False)
-    train(tiny(ema=0.75), tmp_path / "c", stop_after=3, progress=False)
-    train(tiny(ema=0.75), tmp_path / "c", resume=True, progress=False)
-    b, c = Trainer(tiny(ema=0.75), tmp_path / "b"), Trainer(tiny(ema=0.75), tmp_path / "c")
-    b.load()
-    c.load()
+    b, c = whole_and_resumed(tiny(ema=0.75), tmp_path, stop_after=3)
     assert all(torch.equal(p, q) for p, q in zip(b.net.parameters(), c.net.parameters()))
     assert all(torch.equal(p, q) for p, q in zip(b.avg.parameters(), c.avg.parameters()))
 
