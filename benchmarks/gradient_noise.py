@@ -18,6 +18,7 @@ other setting of bf16 autocast, and the norm of the difference is compared with 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -58,9 +59,8 @@ def batch_gradients(run_dir: Path, K: int, Nt: int, settle: int,
             with torch.no_grad():
                 for _ in range(settle // tr.cfg.train.N_iter):
                     _, tr.E, _ = tr.window_loss()
-            E, twin = tr.E, {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in tr.twin.state_dict().items()}
+            twin = copy.deepcopy(tr.twin.state_dict())  # window_loss advances the twin, not tr.E
             grads.append(_gradient(tr))
-            tr.E = E
             tr.twin.load_state_dict(twin)
             bf16 = tr.cfg.train.bf16
             tr.cfg = tr.cfg.model_copy(update={"train": tr.cfg.train.model_copy(update={"bf16": not bf16})})
