@@ -108,8 +108,8 @@ def test_weight_averaging(tmp_path):
 
 def test_resume_refuses_a_different_config(tmp_path):
     train(tiny(), tmp_path, stop_after=2, progress=False)
-    with pytest.raises(CheckpointError, match="train.Nt differ"):
-        train(tiny(Nt=3), tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="train.N_iter differ"):
+        train(tiny(N_iter=2), tmp_path, resume=True, progress=False)
     with pytest.raises(CheckpointError, match="already holds"):
         train(tiny(), tmp_path, progress=False)
     # runtime knobs may change, and the schedule (a warm restart), which is recorded
@@ -117,6 +117,31 @@ def test_resume_refuses_a_different_config(tmp_path):
     meta = json.loads((tmp_path / "checkpoint.json").read_text())
     assert meta["schedule_history"] == [{"step": 2, "set": {"lr": 1e-2, "steps": 9}}]
     assert json.loads((tmp_path / "best" / "model.json").read_text())["schedule_history"] == meta["schedule_history"]
+
+
+def test_resume_with_another_batch_size(tmp_path):
+    train(tiny(), tmp_path, stop_after=2, progress=False)
+    saved = Trainer(tiny(), tmp_path)
+    saved.load()
+    for Nt in (40, 5):  # a larger batch keeps every trajectory and adds fresh ones; a smaller one keeps the first
+        t = Trainer(tiny(Nt=Nt), tmp_path)
+        t.load()
+        keep = min(Nt, 16)
+        assert t.E.shape == (Nt, 1, 40) and t.twin.x.shape == (Nt, 40)
+        assert torch.equal(t.E[:keep], saved.E[:keep]) and torch.equal(t.twin.x[:keep], saved.twin.x[:keep])
+        assert all(torch.equal(p, q) for p, q in zip(t.net.parameters(), saved.net.parameters()))
+        assert t.opt.state_dict()["state"][0]["exp_avg"].equal(saved.opt.state_dict()["state"][0]["exp_avg"])
+        assert t.history == [{"step": 2, "set": {"Nt": Nt}}]
+    fresh = Trainer(tiny(Nt=40), tmp_path / "new").twin.x
+    t = Trainer(tiny(Nt=40), tmp_path)
+    t.load()
+    assert torch.equal(t.twin.x[16:], fresh[16:])  # the added trajectories are spun up on the attractor from the seed
+    # the resized run trains, and its next checkpoint holds the new batch
+    train(tiny(Nt=40), tmp_path, resume=True, stop_after=2, progress=False)
+    t = Trainer(tiny(Nt=40), tmp_path)
+    t.load()
+    assert t.step == 4 and t.E.shape == (40, 1, 40) and torch.isfinite(t.E).all()
+    assert t.history == [{"step": 2, "set": {"Nt": 40}}]
 
 
 def _saved_net(tmp_path):

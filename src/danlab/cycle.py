@@ -87,10 +87,10 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
             ra = rmse(E.mean(-2), x)
             bad = ~torch.isfinite(E).flatten(1).all(-1) | ~(ra < threshold)
             if bad.any():
-                new = bad & ~diverged
-                diverged_at[new] = k
-                diverged |= bad
                 E = torch.where(bad.view(B, 1, 1), x.unsqueeze(-2).expand_as(E), E)
+                bad = bad.cpu()  # the bookkeeping lives on the CPU, whatever the states' device
+                diverged_at[bad & ~diverged] = k
+                diverged |= bad
             stats[0, k] = rmse(Ef.mean(-2), x)
             stats[1, k] = ra
             stats[2, k] = spread(Ef)

@@ -26,14 +26,16 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def code_version() -> str:
-    """The git commit of the code (with '+dirty' when the work tree differs), or 'unknown'."""
+    """The git commit of the code (with '+dirty' when the work tree differs); outside a git checkout (a copy of
+    the tree on another machine) the environment variable DANLAB_CODE_VERSION, else 'unknown'."""
     here = Path(__file__).resolve().parent
+    fallback = os.environ.get("DANLAB_CODE_VERSION", "unknown")
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
-            return "unknown"
+            return fallback
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback

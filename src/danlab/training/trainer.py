@@ -40,8 +40,10 @@ RUNTIME_KNOBS = {"device", "threads", "bf16", "compile", "checkpoint_every_s", "
 # the learning-rate schedule of the steps still to come may change too (a warm restart, a longer or shorter
 # decay); the state (parameters, Adam moments, trajectories, RNGs) carries over unchanged, and every such
 # change is recorded in the run's schedule history, which goes into the provenance of exported weights;
-# so may the weight averaging (ema), which never feeds back into the training itself
-SCHEDULE_KNOBS = {"steps", "lr", "lr_min", "warmup", "lr_head", "ema"}
+# so may the weight averaging (ema), which never feeds back into the training itself, and the batch size Nt
+# (a larger batch at the end of a run lowers the gradient noise, as a lower learning rate does): on a change of
+# Nt the first min(old, new) trajectories carry over and fresh ones, spun up from the run's seed, fill the batch
+SCHEDULE_KNOBS = {"steps", "lr", "lr_min", "warmup", "lr_head", "ema", "Nt"}
 HEAD = ("out.", "gain")  # parameters whose learning rate is lr × lr_head
 # val_armse is the validated (and saved) network's: the averaged one when ema > 0, whose raw weights score val_raw_armse
 METRICS = ["step", "wall_s", "lr", "loss", "train_rmse", "resets", "skipped", "val_armse", "val_ci", "val_raw_armse"]
@@ -90,6 +92,8 @@ class Trainer:
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        if torch.device(tc.device).type == "cuda":  # fp32 means fp32 on a GPU too: no TF32 in convolutions or products
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         torch.manual_seed(cfg.seed)  # nothing should draw from the global generator; this pins it anyway
         self.model = cfg.model.build()
         self.observer = cfg.observations.build(cfg.model.Nx)
@@ -165,7 +169,11 @@ class Trainer:
             for p in order:
                 if p in saved.state:
                     self.opt.state[p] = saved.state[p]
+            fresh_E, fresh_x = self.E, self.twin.x
             self.E, x = t["state.E"].to(self.cfg.train.device), t["state.x"].to(self.cfg.train.device)
+            if len(x) != len(fresh_x):  # a new batch size: keep the first trajectories, fill up with fresh ones
+                keep = min(len(x), len(fresh_x))
+                self.E, x = torch.cat([self.E[:keep], fresh_E[keep:]]), torch.cat([x[:keep], fresh_x[keep:]])
             rngs = {n: [t[f"rng.{n}.{j}"] for j in range(len(r.gens))]
                     for n, r in (("truth", self.twin.truth_rng), ("obs", self.twin.obs_rng), ("reset", self.reset_rng))}
         except (KeyError, ValueError, RuntimeError) as exc:
