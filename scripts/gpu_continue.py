@@ -15,7 +15,7 @@ before it commits to a schedule:
    that the run, its validations included, ends within the budget;
 5. saves the final (averaged) network to OUT/final beside the run's best.
 
-    python scripts/gpu_continue.py RUN OUT [--budget-s 450] [--peak-lr 4e-4] [--nt 1024,2048,4096,8192]
+    python scripts/gpu_continue.py RUN OUT [--budget-s 450] [--peak-lr 1e-4] [--nt 1024,2048,4096,8192]
 
 Everything it decides is printed as one JSON line at the end (and recorded by the run's own schedule
 history), so the continuation is reproduced by `danlab train --resume OUT/run --set ...` with those knobs.
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock seconds of training, validations included")
-    p.add_argument("--peak-lr", type=float, default=4e-4, help="body learning rate at the restart")
+    p.add_argument("--peak-lr", type=float, default=1e-4, help="body learning rate at the restart")
     p.add_argument("--nt", default="1024,2048,4096,8192", help="candidate batch sizes")
     p.add_argument("--b-noise", type=float, default=5000.0, help="gradient-noise scale (trajectories)")
     p.add_argument("--vals", type=int, default=8, help="validations during the continuation")

@@ -186,3 +186,25 @@ def test_a_pickle_is_never_loaded(tmp_path):
 def test_learned_filter_needs_a_checkpoint():
     with pytest.raises(CheckpointError, match="checkpoint"):
         Learned().prepare(None, None, torch.float32, "cpu")
+
+
+def test_gpu_continue_plans_a_warm_restart_within_its_budget(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    from danlab.training.trainer import lr_at
+    spec = importlib.util.spec_from_file_location("gpu_continue", Path(__file__).parents[1] / "scripts" / "gpu_continue.py")
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    train(tiny(), tmp_path / "src", progress=False)  # 8 steps at N_t = 16
+    out = tmp_path / "out"
+    gc.main([str(tmp_path / "src"), str(out), "--device", "cpu", "--threads", "1", "--budget-s", "5", "--nt", "24,32",
+             "--warm", "1", "--timed", "2", "--vals", "2", "--peak-lr", "2e-3"])
+    meta = json.loads((out / "run" / "checkpoint.json").read_text())
+    cfg = TrainRunConfig.model_validate(meta["config"])
+    (change,) = meta["schedule_history"]
+    assert change["step"] == 8 and change["set"]["Nt"] in (24, 32) and change["set"]["steps"] == meta["step"] > 100
+    assert lr_at(8, cfg.train) == pytest.approx(2e-3, rel=1e-5)  # the body restarts at the peak rate
+    assert lr_at(meta["step"], cfg.train) == pytest.approx(cfg.train.lr_min)
+    assert Trainer(cfg, out / "run").E.shape[0] == cfg.train.Nt
+    net, side = load_net(out / "final")
+    assert side["step"] == meta["step"]
