@@ -1,4 +1,6 @@
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ from danlab.learned import Learned, load_net, save_net
 from danlab.nets import NetConfig, build_net
 from danlab.training.checkpoint import CheckpointError
 from danlab.training.config import TrainRunConfig
-from danlab.training.trainer import Trainer, train, validate
+from danlab.training.trainer import Trainer, lr_at, train, validate
 
 TINY = {"net": {"Nf": 8, "Nbl": 1, "Nl": 2}, "train": {"Nt": 16, "N_iter": 3, "steps": 8, "warmup": 2, "lr": 3e-3,
         "val_every": 4, "val_cycles": 40, "val_burn_in": 10, "val_batch": 2, "log_every": 1}}
@@ -189,15 +191,12 @@ def test_learned_filter_needs_a_checkpoint():
 
 
 def test_gpu_continue_plans_a_warm_restart_within_its_budget(tmp_path):
-    import importlib.util
-    from pathlib import Path
-    from danlab.training.trainer import lr_at
     spec = importlib.util.spec_from_file_location("gpu_continue", Path(__file__).parents[1] / "scripts" / "gpu_continue.py")
     gc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gc)
     train(tiny(), tmp_path / "src", progress=False)  # 8 steps at N_t = 16
     out = tmp_path / "out"
-    gc.main([str(tmp_path / "src"), str(out), "--device", "cpu", "--threads", "1", "--budget-s", "5", "--nt", "24,32",
+    gc.main([str(tmp_path / "src"), str(out), "--device", "cpu", "--threads", str(torch.get_num_threads()), "--budget-s", "5", "--nt", "24,32",
              "--warm", "1", "--timed", "2", "--vals", "2", "--peak-lr", "2e-3"])
     meta = json.loads((out / "run" / "checkpoint.json").read_text())
     cfg = TrainRunConfig.model_validate(meta["config"])
