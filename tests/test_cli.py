@@ -84,8 +84,8 @@ def test_train_and_resume_cli(tmp_path):
     r = danlab("train", "--resume", str(tmp_path / "run"), "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 4
-    r = danlab("train", "--resume", str(tmp_path / "run"), "--set", "train.Nt=4", "--quiet")
-    assert r.returncode == 2 and "train.Nt" in r.stderr
+    r = danlab("train", "--resume", str(tmp_path / "run"), "--set", "train.N_iter=3", "--quiet")
+    assert r.returncode == 2 and "train.N_iter" in r.stderr
     # a warm restart: more steps with a new learning rate, recorded in the schedule history
     r = danlab("train", "--resume", str(tmp_path / "run"), "--set", "train.steps=6", "--set", "train.lr=0.002", "--quiet")
     assert r.returncode == 0, r.stderr
