@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     run = a.out / "run"
     run_files(a.run, run)
     base = [f"train.device={a.device}", f"train.threads={a.threads}", "train.bf16=false", "train.compile=false"]
+    cfg0 = load_config(TrainRunConfig, run / "config.yaml", base)
     timing = {}
     for nt in [int(s) for s in a.nt.split(",")]:
         try:
@@ -106,25 +107,23 @@ def main(argv=None) -> int:
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        timing[nt] = {"s_per_step": t_step, "s_per_val": t_val, "sample_cycles_per_s": None, "val_armse": va}
+        timing[nt] = {"s_per_step": t_step, "s_per_val": t_val, "sample_cycles_per_s": nt * cfg0.train.N_iter / t_step,
+                      "val_armse": va}
         print(json.dumps({"Nt": nt, "s_per_step": round(t_step, 4), "s_per_validation": round(t_val, 2),
                           "val_armse_at_start": round(va, 4)}), flush=True)
-    cfg0 = load_config(TrainRunConfig, run / "config.yaml", base)
     start = json.loads((run / "checkpoint.json").read_text())["step"]
-    budget = a.budget_s  # of training, from now on
 
     def plan(nt: int) -> tuple[int, int, float]:
         """(steps, val_every, effective steps) for batch nt within the budget."""
         t = timing[nt]
         # up to vals + 1 validations (multiples of val_every, and the last step), each of the averaged network and
         # of the raw one, and the final one here
-        n = int((budget - (2 * a.vals + 3) * t["s_per_val"]) / t["s_per_step"])
+        n = int((a.budget_s - (2 * a.vals + 3) * t["s_per_val"]) / t["s_per_step"])
         return n, max(n // a.vals, 1), n * nt / (nt + a.b_noise)
 
     if not timing:
         raise SystemExit("gpu_continue: no candidate batch size fits on the device")
     for nt, t in timing.items():
-        t["sample_cycles_per_s"] = nt * cfg0.train.N_iter / t["s_per_step"]
         t["plan_steps"], _, t["effective_steps"] = plan(nt)
     nt = max(timing, key=lambda k: timing[k]["effective_steps"])
     n, val_every, _ = plan(nt)
@@ -138,7 +137,7 @@ def main(argv=None) -> int:
     sets = base + [f"train.Nt={nt}", f"train.steps={steps}", f"train.lr={lr:.6g}", f"train.val_every={val_every}",
                    "train.checkpoint_every_s=60"]
     print(json.dumps({"chosen_Nt": nt, "steps": steps, "lr": float(f"{lr:.6g}"), "val_every": val_every,
-                      "budget_s": round(budget, 1)}), flush=True)
+                      "budget_s": a.budget_s}), flush=True)
     cfg = load_config(TrainRunConfig, run / "config.yaml", sets)
     t0 = time.perf_counter()
     result = train(cfg, run, resume=True, progress=False)
