@@ -24,10 +24,17 @@ class TrainConfig(Strict):
                                                      "moving average of the weights with this decay per step (0: off)")
     clip: float = Field(1.0, gt=0, description="gradient norm clipping")
     loss: Literal["supervised", "semisupervised"] = "supervised"
+    teacher_weight: float = Field(0.0, ge=0, le=1, description="supervised target = w × the analysis mean of a "
+                                  "classical teacher (EnKF-N) cycled on the same observations + (1 - w) × the truth "
+                                  "(0: the truth alone); the teacher's mean carries far less noise than the truth")
+    teacher_N: int = Field(40, ge=2, description="ensemble size of the teacher EnKF-N")
+    teacher_xN: float = Field(2.0, gt=0, description="hyperprior confidence xN of the teacher EnKF-N")
     init_std: float = Field(1.0, ge=0, description="initial ensemble: truth + N(0, init_std^2)")
     reset_factor: float = Field(3.0, gt=0, description="reset a trajectory whose analysis RMSE exceeds this times the truth's spread")
     log_every: int = Field(10, ge=1)
     val_every: int = Field(200, ge=1, description="steps between validations")
+    val_every_s: float | None = Field(None, gt=0, description="also validate when this many wall-clock seconds "
+                                      "have passed since the last validation")
     val_cycles: int = Field(1000, ge=2)
     val_burn_in: int = Field(200, ge=0)
     val_batch: int = Field(8, ge=1, description="held-out validation trajectories")
@@ -44,6 +51,8 @@ class TrainConfig(Strict):
             raise ValueError(f"val_burn_in must be < val_cycles (got {self.val_burn_in} >= {self.val_cycles})")
         if self.lr_min > self.lr:
             raise ValueError(f"lr_min must be <= lr (got {self.lr_min} > {self.lr})")
+        if self.teacher_weight > 0 and self.loss != "supervised":
+            raise ValueError(f"teacher_weight > 0 needs loss: supervised (got loss: {self.loss})")
         return self
 
 
