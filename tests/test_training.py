@@ -1,3 +1,4 @@
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -156,7 +157,13 @@ def test_teacher_target_is_the_enkf_n_analysis_mean_on_the_same_observations(tmp
     ET0 = tr.E_teacher.clone()
     twin = TwinStream(tr.model, tr.observer, 16, cfg.seed, ids=None, dtype=torch.float32)
     targets = []
-    tr.teacher_target = (lambda f: lambda x, obs: targets.append(f(x, obs)) or targets[-1])(tr.teacher_target)
+    orig = tr.teacher_target
+
+    def spy(x, obs):
+        out = orig(x, obs)
+        targets.append(out[0])
+        return out
+    tr.teacher_target = spy
     tr.window_loss()
     ET, f = ET0, EnKF_N(N=10, xN=1.5)
     for k in range(cfg.train.N_iter):
@@ -180,7 +187,7 @@ def test_teacher_target_lowers_the_gradient_noise(tmp_path):
         for _ in range(150):  # the network's and the teacher's trajectories past their initial transient (~100 cycles)
             tr.E = tr.window_loss()[1]
     x, obs = tr.twin.step()
-    targets = {"truth": x, "teacher": tr.teacher_target(x, obs)}
+    targets = {"truth": x, "teacher": tr.teacher_target(x, obs)[0]}
     Ea = tr.filter.analysis(tr.model(tr.E), obs, None)
     params = list(tr.net.parameters())
     noise = {}
@@ -206,6 +213,41 @@ def test_resumed_run_with_a_teacher_equals_uninterrupted(tmp_path):
     t = Trainer(tiny(), tmp_path / "c")
     t.load()
     assert t.step == 6 and t.teacher is None
+
+
+def test_distillation_steps_regress_the_analysis_of_the_teachers_forecast(tmp_path):
+    """A distillation step is one cycle: a_θ's analysis of the teacher's forecast mean, against the target; no
+    model forecast of a_θ's own state. Replayed by hand from the same teacher ensembles and weights."""
+    from danlab.filters.ensemble import EnKF_N
+    from danlab.twin import TwinStream
+    cfg = tiny(distill_steps=2, teacher_weight=1.0, teacher_N=10)
+    tr = Trainer(cfg, tmp_path)
+    ET, net = tr.E_teacher.clone(), copy.deepcopy(tr.net)
+    twin = TwinStream(tr.model, tr.observer, 16, cfg.seed, ids=None, dtype=torch.float32)
+    loss, E, x = tr.distill_loss()
+    x2, obs = twin.step()
+    EfT = tr.model(ET)
+    xa = EnKF_N(N=10, xN=cfg.train.teacher_xN).analysis(EfT, obs, None).mean(1)
+    xf = EfT.mean(1, keepdim=True)
+    Ea = xf + net(xf, obs.HtRinv_innovation(xf.mean(1)))
+    assert torch.equal(x, x2) and torch.allclose(E, Ea, atol=1e-5)
+    assert float(loss.detach()) == pytest.approx(float((Ea - xa.unsqueeze(1)).pow(2).mean().detach()), rel=1e-5)
+    # the network's trajectories start from its last analyses of the teacher's forecasts; then windows follow
+    seen = []
+    orig = tr.distill_loss
+    tr.distill_loss = lambda: seen.append(orig()) or seen[-1]
+    tr.train_step()
+    assert tr.twin.k == 2 and torch.equal(tr.E, seen[0][1].detach())
+    tr.train_step()
+    k = tr.twin.k
+    tr.train_step()  # step 2: a window of N_iter cycles
+    assert tr.twin.k == k + cfg.train.N_iter
+    # interrupted inside the distillation and resumed = uninterrupted, across the switch to windows
+    a, b = whole_and_resumed(tiny(distill_steps=4, teacher_weight=0.5, teacher_N=8), tmp_path / "r", stop_after=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.net.parameters(), b.net.parameters()))
+    assert torch.equal(a.E_teacher, b.E_teacher) and torch.equal(a.E, b.E)
+    with pytest.raises(ValueError, match="Ne <= teacher_N"):
+        tiny(distill_steps=2, Ne=12, teacher_N=10)
 
 
 def test_training_stops_at_its_wall_clock_budget_and_validates_there(tmp_path):

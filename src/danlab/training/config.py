@@ -28,6 +28,8 @@ class TrainConfig(Strict):
                                   "classical teacher (EnKF-N) cycled on the same observations + (1 - w) × the truth "
                                   "(0: the truth alone); the teacher's mean carries far less noise than the truth")
     teacher_N: int = Field(40, ge=2, description="ensemble size of the teacher EnKF-N")
+    distill_steps: int = Field(0, ge=0, description="first optimiser steps that are single cycles on the teacher's "
+                               "forecasts (its mean as the state) instead of N_iter-cycle windows on a_θ's own: a warm start")
     teacher_xN: float = Field(2.0, gt=0, description="hyperprior confidence xN of the teacher EnKF-N")
     init_std: float = Field(1.0, ge=0, description="initial ensemble: truth + N(0, init_std^2)")
     reset_factor: float = Field(3.0, gt=0, description="reset a trajectory whose analysis RMSE exceeds this times the truth's spread")
@@ -51,8 +53,10 @@ class TrainConfig(Strict):
             raise ValueError(f"val_burn_in must be < val_cycles (got {self.val_burn_in} >= {self.val_cycles})")
         if self.lr_min > self.lr:
             raise ValueError(f"lr_min must be <= lr (got {self.lr_min} > {self.lr})")
-        if self.teacher_weight > 0 and self.loss != "supervised":
-            raise ValueError(f"teacher_weight > 0 needs loss: supervised (got loss: {self.loss})")
+        if (self.teacher_weight > 0 or self.distill_steps > 0) and self.loss != "supervised":
+            raise ValueError(f"teacher_weight > 0 and distill_steps > 0 need loss: supervised (got loss: {self.loss})")
+        if self.distill_steps > 0 and self.Ne > self.teacher_N:
+            raise ValueError(f"distill_steps > 0 needs Ne <= teacher_N (got Ne {self.Ne} > teacher_N {self.teacher_N})")
         return self
 
 

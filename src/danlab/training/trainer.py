@@ -17,6 +17,12 @@ truth (the tower property), while its residual, hence the gradient noise, is sev
 truth scatters around any filter's analysis by ~0.19 on standard L96, an EnKF-N with 40 members' mean by
 ~0.06 around a good single-state analysis. The price is the teacher's own suboptimality, which w < 1 (or
 w = 0 at the end of a run) trades off.
+
+Distillation (`distill_steps` > 0): the first optimiser steps are single cycles on the teacher's forecasts
+instead of windows on a_θ's own: the network's analysis of the teacher's forecast mean (its first Ne members
+when Ne > 1) is regressed on the same target, with no backpropagation through the model and no dependence
+on the network's own, initially poor, trajectories: a cheap warm start. The network's trajectories then
+start from its last analyses of the teacher's forecasts.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ RUNTIME_KNOBS = {"device", "threads", "bf16", "compile", "checkpoint_every_s", "
 # Nt the first min(old, new) trajectories carry over and fresh ones, spun up from the run's seed, fill the batch
 # the teacher's weight in the target may change too (e.g. to 0 for the final decay); a teacher switched on at a
 # resume starts from fresh ensembles around the current truths
-SCHEDULE_KNOBS = {"steps", "lr", "lr_min", "warmup", "lr_head", "ema", "Nt", "teacher_weight"}
+SCHEDULE_KNOBS = {"steps", "lr", "lr_min", "warmup", "lr_head", "ema", "Nt", "teacher_weight", "distill_steps"}
 HEAD = ("out.", "gain")  # parameters whose learning rate is lr × lr_head
 # val_armse is the validated (and saved) network's: the averaged one when ema > 0, whose raw weights score val_raw_armse
 METRICS = ["step", "wall_s", "lr", "loss", "train_rmse", "resets", "skipped", "val_armse", "val_ci", "val_raw_armse"]
@@ -120,7 +126,7 @@ class Trainer:
         self.reset_rng = BatchRNG(cfg.seed, "reset", tc.Nt)
         self.E = initial_ensemble(self.twin.x, tc.Ne, BatchRNG(cfg.seed, "init", tc.Nt), tc.init_std)
         self.threshold = tc.reset_factor * float(self.twin.x.std())
-        self.teacher = EnKF_N(N=tc.teacher_N, xN=tc.teacher_xN) if tc.teacher_weight > 0 else None
+        self.teacher = EnKF_N(N=tc.teacher_N, xN=tc.teacher_xN) if tc.teacher_weight > 0 or tc.distill_steps > 0 else None
         self.teacher_rng = BatchRNG(cfg.seed, "teacher", tc.Nt)
         self.E_teacher = initial_ensemble(self.twin.x, tc.teacher_N, self.teacher_rng, tc.init_std) if self.teacher else None
         self.step, self.wall_s, self.best = 0, 0.0, float("inf")
@@ -221,34 +227,49 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     @torch.no_grad()
-    def teacher_target(self, x: torch.Tensor, obs) -> torch.Tensor:
-        """One cycle of the teacher on this cycle's observations; the target w x̄^a_teacher + (1 - w) x.
+    def teacher_target(self, x: torch.Tensor, obs) -> tuple[torch.Tensor, torch.Tensor]:
+        """One cycle of the teacher on this cycle's observations: the target w x̄^a_teacher + (1 - w) x and the
+        teacher's forecast ensemble.
 
         A teacher trajectory that failed (non-finite, or beyond the reset threshold) gives the truth as target
-        this cycle and restarts around the truth."""
+        this cycle and restarts around the truth (which then also stands for its forecast)."""
         w = self.cfg.train.teacher_weight
-        _, ET = self.teacher.cycle(self.E_teacher, self.model, obs, None)
+        EfT, ET = self.teacher.cycle(self.E_teacher, self.model, obs, None)
         xa = ET.mean(1)
         bad = ~torch.isfinite(xa).all(1) | ~(rmse(xa, x) < self.threshold)
         if bad.any():
             fresh = initial_ensemble(x, self.teacher.N, self.teacher_rng, self.cfg.train.init_std)
             ET = torch.where(bad.view(-1, 1, 1), fresh, ET)
+            EfT = torch.where(bad.view(-1, 1, 1), fresh, EfT)
             xa = torch.where(bad.view(-1, 1), x, xa)
         self.E_teacher = ET
-        return x + w * (xa - x)
+        return x + w * (xa - x), EfT
+
+    def distill_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One cycle of a_θ on the teacher's forecast: (loss, E^a, truth)."""
+        tc = self.cfg.train
+        x, obs = self.twin.step()
+        target, EfT = self.teacher_target(x, obs)
+        Ef = EfT.mean(1, keepdim=True) if tc.Ne == 1 else EfT[:, :tc.Ne]
+        with self._amp():
+            E = self.filter.analysis(Ef, obs, None)
+        return (E - target.unsqueeze(1)).pow(2).mean(), E, x
+
+    def _amp(self):
+        tc = self.cfg.train
+        return torch.autocast(device_type=torch.device(tc.device).type, dtype=torch.bfloat16) if tc.bf16 else nullcontext()
 
     def window_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """N_iter chained cycles from the current states, differentiable throughout: (loss, last E^a, last truth)."""
         tc = self.cfg.train
-        amp = torch.autocast(device_type=torch.device(tc.device).type, dtype=torch.bfloat16) if tc.bf16 else nullcontext()
         E, loss = self.E, 0.0
         for _ in range(tc.N_iter):
             x, obs = self.twin.step()
             Ef = self.model(E)
-            with amp:
+            with self._amp():
                 E = self.filter.analysis(Ef, obs, None)  # a_theta draws no random numbers
             if tc.loss == "supervised":
-                target = x if self.teacher is None else self.teacher_target(x, obs)
+                target = x if self.teacher is None else self.teacher_target(x, obs)[0]
                 loss = loss + (E - target.unsqueeze(1)).pow(2).mean()
             else:  # observations only: the forecast must fit the new observations
                 loss = loss + obs.innovation(Ef).pow(2).sum(-1).div(obs.Ny.unsqueeze(-1)).mean()
@@ -259,7 +280,7 @@ class Trainer:
         lr = lr_at(self.step, tc)
         for g in self.opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        loss, E, x = self.window_loss()
+        loss, E, x = self.distill_loss() if self.step < tc.distill_steps else self.window_loss()
         self.opt.zero_grad(set_to_none=True)
         ok = bool(torch.isfinite(loss))
         if ok:
