@@ -89,3 +89,29 @@ def test_observation_operators():
         Observer(10, sigma=0)
     with pytest.raises(ValueError, match="sites"):
         Observer(10, kind="subset", sites=(3, 12))
+
+
+def test_tendency_against_an_independent_formula():
+    """dx_i/dt = (x_{i+1} - x_{i-2}) x_{i-1} - x_i + F, written site by site with modular indices (no padding,
+    no rolls), on random states of several sizes and forcings, and the forecast against RK4 written out."""
+    g = torch.Generator().manual_seed(4)
+    for Nx, F in ((4, 8.0), (5, -1.5), (40, 8.0), (41, 16.0)):
+        m = Lorenz96(Nx=Nx, F=F)
+        x = 3.0 * torch.randn(3, Nx, generator=g, dtype=torch.float64)
+        ref = torch.empty_like(x)
+        for b in range(3):
+            for i in range(Nx):
+                ref[b, i] = (x[b, (i + 1) % Nx] - x[b, (i - 2) % Nx]) * x[b, (i - 1) % Nx] - x[b, i] + F
+        torch.testing.assert_close(m.tendency(x), ref, rtol=0, atol=1e-12)
+    m, dt = Lorenz96(Nx=40, dt=0.01, steps=3), 0.01
+    x = 3.0 * torch.randn(40, generator=g, dtype=torch.float64)
+    y = x.clone()
+    for _ in range(3):
+        k1 = m.tendency(y)
+        k2 = m.tendency(y + dt / 2 * k1)
+        k3 = m.tendency(y + dt / 2 * k2)
+        k4 = m.tendency(y + dt * k3)
+        y = y + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    torch.testing.assert_close(m(x), y, rtol=0, atol=1e-12)
+    # the fixed point x = F everywhere: zero tendency
+    assert torch.equal(Lorenz96(Nx=10, F=8.0).tendency(torch.full((10,), 8.0, dtype=torch.float64)), torch.zeros(10, dtype=torch.float64))

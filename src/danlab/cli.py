@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from danlab.config import ConfigError, load_config
+from danlab.io import OutputError, check_output_dir
 from danlab.training.checkpoint import CheckpointError
 
 
@@ -20,20 +22,31 @@ def _default_out(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _progress(a) -> bool:
+    """A progress bar by default when stderr is a terminal; --quiet turns it off, --progress forces it on."""
+    return not a.quiet and (a.progress or sys.stderr.isatty())
+
+
 def _print_summary(summary: dict, as_json: bool) -> None:
+    from danlab.experiments.runner import format_score
     s = {k: v for k, v in summary.items() if k != "table"}
     if as_json:
         print(json.dumps(s, default=str))
         return
     for p in summary.get("table", []):
-        print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()
-                               if k in s.get("grid", {}) or k in {"armse", "armse_ci", "n_diverged"}))
-    line = f"{s['method']}: aRMSE {s['armse']:.4f} ± {s['armse_ci']:.4f}"
-    if "best" in s:
+        cells = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items() if k in s.get("grid", {})]
+        cells.append(f"armse={format_score(p)}" + (f"  ({p['n_diverged']} of {p['experiments']} diverged)"
+                                                   if p.get("n_diverged") and math.isfinite(p["armse"]) else ""))
+        print("  " + "  ".join(cells))
+    line = f"{s['method']}: aRMSE {format_score(s)}"
+    if s.get("best"):
         line += f" at {s['best']}"
-    if "spread" in s:
+    if "spread" in s and math.isfinite(s["spread"]):
         line += f", spread {s['spread']:.4f}"
-    line += f", {s['cycles_per_s']:.0f} cycles/s" + (", DIVERGED" if s.get("diverged") else "")
+    n_div = s.get("n_diverged")
+    line += f", {s['cycles_per_s']:.0f} cycles/s" + (
+        "" if not s.get("diverged") else f", {n_div} of {s['experiments']} experiments DIVERGED"
+        if n_div and math.isfinite(s["armse"]) else ", DIVERGED")
     print(line)
     if "out" in s:
         print(f"results in {s['out']}")
@@ -43,8 +56,8 @@ def cmd_run(a) -> int:
     from danlab.experiments.config import RunConfig
     from danlab.experiments.runner import run_experiment
     cfg = load_config(RunConfig, a.config, a.set)
-    out = a.out or _default_out(cfg.filter.method)
-    _print_summary(run_experiment(cfg, out, progress=a.progress), a.json)
+    out = check_output_dir(a.out or _default_out(cfg.filter.method))
+    _print_summary(run_experiment(cfg, out, progress=_progress(a)), a.json)
     return 0
 
 
@@ -53,8 +66,8 @@ def cmd_tune(a) -> int:
     from danlab.experiments.runner import parse_grid, tune
     cfg = load_config(RunConfig, a.config, a.set)
     grids = [parse_grid(g) for g in a.grid]
-    out = a.out or _default_out(f"tune-{cfg.filter.method}")
-    _print_summary(tune(cfg, grids, out, progress=a.progress), a.json)
+    out = check_output_dir(a.out or _default_out(f"tune-{cfg.filter.method}"))
+    _print_summary(tune(cfg, grids, out, progress=_progress(a)), a.json)
     return 0
 
 
@@ -63,12 +76,20 @@ def cmd_train(a) -> int:
     from danlab.training.trainer import train
     if a.resume:
         run_dir = Path(a.resume)
+        if not (run_dir / "checkpoint.json").is_file() or not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: not a training run folder (no checkpoint.json and config.yaml "
+                              "there); give the --out folder of a `danlab train` run")
         cfg = load_config(TrainRunConfig, run_dir / "config.yaml", a.set)
     else:
         if not a.config:
             raise ConfigError("train: give a CONFIG.yaml, or --resume RUN_DIR")
         cfg = load_config(TrainRunConfig, a.config, a.set)
         run_dir = Path(a.out) if a.out else _default_out("train")
+    try:  # what the config classes cannot see: the network's kernel must fit in the state
+        cfg.net.check_size(cfg.model.Nx)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    check_output_dir(run_dir, "--resume" if a.resume else "--out")
     result = train(cfg, run_dir, resume=bool(a.resume), stop_after=a.stop_after, progress=not a.quiet)
     print(json.dumps(result | {"run_dir": str(run_dir)}))
     return 0
@@ -82,13 +103,14 @@ def cmd_eval(a) -> int:
     data = learned_eval_data(meta.get("trained_with", {}), resolve_net_dir(a.checkpoint), seed=a.seed, cycles=a.cycles,
                              burn_in=a.burn_in, batch=a.batch, Nx=a.nx, N=a.N)
     cfg = load_config(RunConfig, None, a.set, data=data)
-    out = a.out or _default_out("eval")
-    _print_summary(run_experiment(cfg, out, progress=a.progress), a.json)
+    out = check_output_dir(a.out or _default_out("eval"))
+    _print_summary(run_experiment(cfg, out, progress=_progress(a)), a.json)
     return 0
 
 
 def cmd_sweep(a) -> int:
     from danlab.experiments.sweep import run_sweep
+    check_output_dir(a.out or "runs/sweeps")
     r = run_sweep(a.sweep, out=a.out or "runs/sweeps", scheduler=a.scheduler, workers=a.workers,
                   budget=a.budget, threads=a.threads, progress=not a.quiet)
     if a.json:
@@ -99,16 +121,18 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_export(a) -> int:
+    from danlab.experiments.runner import format_score
     from danlab.training.export import export
     prov = export(a.run_dir, a.dest, cycles=a.cycles, burn_in=a.burn_in, batch=a.batch, seed=a.seed)
     ev = prov["evaluation"]
-    print(f"{a.dest}: aRMSE {ev['armse']:.4f} ± {ev['armse_ci']:.4f} ({ev['trajectories']} trajectories × {ev['cycles']} cycles)")
+    print(f"{a.dest}: aRMSE {format_score(ev | {'experiments': ev['trajectories']})} "
+          f"({ev['trajectories']} trajectories × {ev['cycles']} cycles)")
     return 0
 
 
 def cmd_reproduce(a) -> int:
     from danlab.experiments import reproduce as rp
-    out = Path(a.out) if a.out else _default_out(f"reproduce-{a.what}")
+    out = check_output_dir(Path(a.out) if a.out else _default_out(f"reproduce-{a.what}"))
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
@@ -122,8 +146,38 @@ def cmd_reproduce(a) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line `danlab: error: ...` and exit 2, like every other error."""
+
+    def error(self, message):
+        where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, f"danlab: error: {where}{message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer (got {text!r})") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo} (got {v})")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+POSITIVE, NONNEG = _int_at_least(1), _int_at_least(0)
+
+
+def cmd_config(a) -> int:
+    from danlab.configdoc import show
+    print(show(a.config, a.set, kind=a.kind))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="danlab", description="Learned and classical data assimilation on chaotic dynamics")
+    p = _Parser(prog="danlab", description="Learned and classical data assimilation on chaotic dynamics")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, config=True):
@@ -132,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. filter.N=40")
         sp.add_argument("--out", help="run folder (default: runs/<kind>-<time>)")
         sp.add_argument("--json", action="store_true", help="print the summary as one JSON line")
-        sp.add_argument("--progress", action="store_true", help="show a progress bar")
+        sp.add_argument("--progress", action="store_true", help="show a progress bar (default: when stderr is a terminal)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sp = sub.add_parser("run", help="run one twin experiment")
     common(sp)
@@ -149,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.add_argument("--out", help="run folder (default: runs/train-<time>)")
-    sp.add_argument("--stop-after", type=int, default=None, metavar="K", help="stop (with a checkpoint) after K more steps")
+    sp.add_argument("--stop-after", type=POSITIVE, default=None, metavar="K", help="stop (with a checkpoint) after K more steps")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(fn=cmd_train)
 
@@ -158,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nx", type=int, help="state size (default: the training one)")
     sp.add_argument("--N", type=int, help="ensemble size (default: the training one)")
     sp.add_argument("--cycles", type=int, default=10_000)
-    sp.add_argument("--burn-in", type=int, default=500)
+    sp.add_argument("--burn-in", type=NONNEG, default=500)
     sp.add_argument("--batch", type=int, default=8, help="independent trajectories")
     sp.add_argument("--seed", type=int, default=0)
     common(sp, config=False)
@@ -166,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sweep", help="run a sweep file's points as independent tasks on Dask")
     sp.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
     sp.add_argument("--scheduler", help="an existing Dask scheduler address (tcp://...), or 'synchronous'; default: a LocalCluster")
-    sp.add_argument("--workers", type=int, default=2, help="LocalCluster workers")
+    sp.add_argument("--workers", type=POSITIVE, default=2, help="LocalCluster workers")
     sp.add_argument("--budget", help="which of the sweep's budgets (default: reduced, if defined)")
-    sp.add_argument("--threads", type=int, default=1, help="PyTorch threads per task")
+    sp.add_argument("--threads", type=POSITIVE, default=1, help="PyTorch threads per task")
     sp.add_argument("--out", help="parent folder (default: runs/sweeps)")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--quiet", action="store_true")
@@ -178,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dir")
     sp.add_argument("dest", help="e.g. weights/l96_nf40_ne1")
     sp.add_argument("--cycles", type=int, default=10_000)
-    sp.add_argument("--burn-in", type=int, default=500)
+    sp.add_argument("--burn-in", type=NONNEG, default=500)
     sp.add_argument("--batch", type=int, default=8)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_export)
@@ -187,9 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("what", choices=["table", "transfer"])
     sp.add_argument("--quick", action="store_true", help="fewer cycles (table: < 10 min on 2 cores)")
     sp.add_argument("--out", help="run folder (default: runs/reproduce-<what>-<time>)")
-    sp.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    sp.add_argument("--threads", type=POSITIVE, help="CPU threads for PyTorch")
     sp.add_argument("--weights", default="l96_nf40_ne1", help="transfer: the weights (folder under weights/ or a path)")
     sp.set_defaults(fn=cmd_reproduce)
+
+    sp = sub.add_parser("config", help="list the config keys: type, default and description of each")
+    csub = sp.add_subparsers(dest="action", required=True)
+    cs = csub.add_parser("show", help="every key of a run (or training) config with its type, default, description; "
+                                      "with CONFIG, its value there too")
+    cs.add_argument("config", nargs="?", help="a YAML config (run or training) to show the resolved values of")
+    cs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override, as in run/train")
+    cs.add_argument("--kind", choices=["run", "train"], help="which config (default: guessed from CONFIG, else both)")
+    cs.set_defaults(fn=cmd_config)
+
     return p
 
 
@@ -197,8 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, OutputError) as exc:
         print(f"danlab: error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("danlab: error: out of memory (lower the ensemble size, the state size, the batch or the cycles)",
+              file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # an allocation the memory estimate did not foresee: still one line
+        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc).lower():
+            raise
+        print(f"danlab: error: out of memory ({str(exc).splitlines()[0][:200]})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("danlab: interrupted", file=sys.stderr)

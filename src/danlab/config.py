@@ -5,11 +5,12 @@ A bad field is reported by name with what is allowed (`ConfigError`), never as a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from danlab.models import Lorenz96
 from danlab.observations import Observer
@@ -19,14 +20,43 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message is one line naming the field."""
 
 
+def check_device(value: str) -> str:
+    """A torch device this machine has: 'cpu', 'cuda', 'cuda:N' (N < the number of GPUs), 'mps'."""
+    import torch
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError("unknown device (expected cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("this machine has no usable CUDA GPU (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("MPS is not available on this machine (use cpu)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device type {dev.type} is not supported (expected cpu, cuda, cuda:N or mps)")
+    return value
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Base of every config section: frozen, unknown keys refused, and every float finite (inf and nan
+    are never a meaningful value of a knob: they would only surface later as a crash or a silent NaN)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("device", check_fields=False)
+    @classmethod
+    def _device(cls, value):
+        """Any section's `device` (runs, training) must name a device this machine has."""
+        return check_device(value) if isinstance(value, str) else value
 
 
 class ModelConfig(Strict):
-    name: Literal["lorenz96"] = "lorenz96"
+    name: Literal["lorenz96"] = Field("lorenz96", description="the model (Lorenz 96, integrated by RK4)")
     Nx: int = Field(40, ge=4, description="number of state variables")
-    F: float = 8.0
+    F: float = Field(8.0, description="forcing")
     dt: float = Field(0.05, gt=0, description="integration step")
     steps: int = Field(1, ge=1, description="integration steps per observation interval")
 
@@ -35,13 +65,14 @@ class ModelConfig(Strict):
 
 
 class ObsConfig(Strict):
-    kind: Literal["identity", "subset", "random"] = "identity"
+    kind: Literal["identity", "subset", "random"] = Field(
+        "identity", description="which sites are observed: all, the fixed `sites`, or a fresh random subset every cycle")
     sigma: float = Field(1.0, gt=0, description="observation error std, R = sigma^2 I")
-    sites: tuple[int, ...] | None = None
-    count: int | None = Field(None, ge=1)
-    fraction: float | None = Field(None, gt=0, le=1)
-    count_min: int | None = Field(None, ge=1)
-    count_max: int | None = Field(None, ge=1)
+    sites: tuple[int, ...] | None = Field(None, description="kind subset: the observed sites (0-based)")
+    count: int | None = Field(None, ge=1, description="kind random: the number of observed sites")
+    fraction: float | None = Field(None, gt=0, le=1, description="kind random: the observed fraction of the sites")
+    count_min: int | None = Field(None, ge=1, description="kind random: the count is drawn in [count_min, count_max]")
+    count_max: int | None = Field(None, ge=1, description="kind random: the count is drawn in [count_min, count_max]")
 
     def build(self, Nx: int) -> Observer:
         return Observer(Nx=Nx, **self.model_dump())
@@ -57,14 +88,18 @@ def _format_error(err: ValidationError) -> str:
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
-    if "input" in e and not isinstance(e["input"], dict) and e["type"] not in {"missing"}:
+    if "input" in e and not isinstance(e["input"], dict) and e["type"] not in {"missing"} and "(got " not in msg:
         return f"{loc or 'config'}: {msg} (got {e['input']!r})"
     return f"{loc or 'config'}: {msg}"
 
 
-def parse_value(text: str):
-    """An override's value as YAML (numbers, booleans, lists), e.g. `filter.N=40`."""
-    return yaml.safe_load(text)
+def parse_value(text: str, where: str | None = None):
+    """An override's value as YAML (numbers, booleans, lists), e.g. `filter.N=40`; `where` names it in the error."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{where or repr(text)}: not a valid value ({first})") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -78,16 +113,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(node.get(p, {}), dict):
                 raise ConfigError(f"--set {key}: {p} is not a section")
             node = node.setdefault(p, {})
-        node[parts[-1]] = parse_value(value)
+        node[parts[-1]] = parse_value(value, f"--set {item}")
     return data
 
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file (give a YAML file"
+                          + (", or --resume for a training run folder)" if (path / "checkpoint.json").is_file() else ")"))
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); is it a YAML config?") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):

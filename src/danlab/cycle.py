@@ -87,7 +87,9 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
             ra = rmse(E.mean(-2), x)
             bad = ~torch.isfinite(E).flatten(1).all(-1) | ~(ra < threshold)
             if bad.any():
-                E = torch.where(bad.view(B, 1, 1), x.unsqueeze(-2).expand_as(E), E)
+                # restart from the truth (from 0 where the truth itself is not finite: it never spreads to the others)
+                x0 = torch.where(torch.isfinite(x), x, 0.0)
+                E = torch.where(bad.view(B, 1, 1), x0.unsqueeze(-2).expand_as(E), E)
                 bad = bad.cpu()  # the bookkeeping lives on the CPU, whatever the states' device
                 diverged_at[bad & ~diverged] = k
                 diverged |= bad

@@ -5,7 +5,40 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
+
+# system folders that are never a place for results (writing there fails late, or does harm)
+SYSTEM_DIRS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+class OutputError(ValueError):
+    """An output location that cannot be used (a file, a system folder, not writable); one line."""
+
+
+def check_output_dir(path: str | Path, label: str = "--out") -> Path:
+    """Refuse, before any computation, an output folder that cannot be written: an existing file, a path
+    under /proc, /sys or /dev, or one whose nearest existing parent is not a folder this process can
+    create files in (probed by creating and removing a temporary file). Creates nothing that stays."""
+    p = Path(path).expanduser()
+    a = Path(os.path.abspath(p))
+    for root in SYSTEM_DIRS:
+        if a == root or root in a.parents:
+            raise OutputError(f"{label} {path}: {root} is a system folder, not a place for results")
+    if a.exists() and not a.is_dir():
+        raise OutputError(f"{label} {path}: exists and is not a folder")
+    anc = a
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"{label} {path}: {anc} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".danlab-probe-", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{label} {path}: cannot write in {anc} ({exc.strerror or exc})") from None
+    return p
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, ValidationError
 
 from danlab.filters.base import Filter
 from danlab.nets import AnalysisNet, NetConfig, build_net
@@ -45,8 +45,18 @@ def load_net(path: str | Path) -> tuple[AnalysisNet, dict]:
     tensors, meta = read_checkpoint(directory, "model", NET_FORMAT)
     try:
         cfg = NetConfig.model_validate(meta.get("net"))
-    except ValueError as exc:
-        raise CheckpointError(f"{directory}/model.json: invalid network config ({str(exc).splitlines()[0]})") from None
+    except ValidationError as exc:
+        e = exc.errors(include_url=False)[0]
+        loc = ".".join(["net", *(str(p) for p in e["loc"])])
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) and "(got " not in e["msg"] else ""
+        raise CheckpointError(f"{directory}/model.json: invalid network config: {loc}: "
+                              f"{e['msg'].removeprefix('Value error, ')}{got}") from None
+    trained = meta.get("trained_with", {})
+    bad = ([("trained_with", trained)] if not isinstance(trained, dict) else
+           [(f"trained_with.{k}", trained[k]) for k in ("model", "observations", "train", "net")
+            if k in trained and not isinstance(trained[k], dict)])
+    if bad:
+        raise CheckpointError(f"{directory}/model.json: {bad[0][0]} must be a mapping (got {bad[0][1]!r:.40})")
     net = build_net(cfg)
     load_state_strict(net, tensors, str(directory))
     net.eval()
@@ -73,6 +83,10 @@ class Learned(Filter):
         if self.checkpoint is None:
             raise CheckpointError("filter.checkpoint: the learned filter needs a checkpoint folder")
         net, _ = load_net(self.checkpoint)
+        try:
+            net.cfg.check_size(model.Nx)
+        except ValueError as exc:
+            raise CheckpointError(f"{self.checkpoint}: {exc}") from None
         return type(self).from_net(net.to(device), self.N)
 
     @property

@@ -8,6 +8,21 @@ from danlab.observations import Obs, Observer
 from danlab.rng import BatchRNG
 
 
+def check_stable(model, x: torch.Tensor, cycles: int = 10) -> None:
+    """Refuse (ConfigError) a model whose truth is not finite after its spin-up, or blows up within a few more
+    cycles (an unstable integration: a time step far too large for the forcing, e.g. model.dt=1e10)."""
+    with torch.no_grad():
+        probe = x
+        for _ in range(cycles):
+            probe = model(probe)
+        bound = 1e6 * (1.0 + abs(float(getattr(model, "F", 0.0))))
+        ok = bool(torch.isfinite(x).all()) and bool(torch.isfinite(probe).all()) and float(probe.abs().max()) < bound
+    if not ok:
+        from danlab.config import ConfigError
+        raise ConfigError(f"model: the truth blows up ({model}): the integration is unstable, lower model.dt "
+                          f"(or model.F)")
+
+
 class TwinStream:
     """Truth x_k = M(x_{k-1}) from a seeded spin-up, and y_k = H_k(x_k) + e_k, one cycle per `step()`.
 
@@ -23,6 +38,7 @@ class TwinStream:
         self.obs_rng = BatchRNG(seed, "obs", B, ids)
         x0 = self.truth_rng.randn(model.Nx, dtype=dtype, device=device)
         self.x = model.spinup(model.initial(x0), spinup_time)
+        check_stable(model, self.x)
         self.k = 0
 
     def step(self) -> tuple[torch.Tensor, Obs]:

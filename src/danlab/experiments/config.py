@@ -19,13 +19,14 @@ FilterConfig = Annotated[Union[EnKF, ETKF, EnKF_N, IEnKF, Var3D, Learned], Field
 class RunConfig(Strict):
     """A twin experiment: `batch` independent experiments of `cycles` cycles each."""
 
-    seed: int = 0
-    cycles: int = Field(10_000, ge=2)
-    burn_in: int = Field(500, ge=0)
+    seed: int = Field(0, description="seed of the truth, observations, initial ensembles and filter draws")
+    cycles: int = Field(10_000, ge=2, description="DA cycles of each experiment")
+    burn_in: int = Field(500, ge=0, description="first cycles not scored (must be < cycles)")
     batch: int = Field(1, ge=1, description="independent experiments run at once")
-    dtype: Literal["float64", "float32"] = "float64"
-    device: str = "cpu"
-    threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: all cores)")
+    dtype: Literal["float64", "float32"] = Field("float64", description="floating-point precision of the states")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:N (refused when this machine lacks it)")
+    threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch (default: 1 for small problems, "
+                                "where more threads only cost, above all beside other busy processes; else all cores)")
     init_std: float = Field(1.0, ge=0, description="std of the initial ensemble around the truth")
     divergence_factor: float = Field(1.2, gt=0, description="flag a run whose analysis RMSE exceeds this times the truth's climatological spread (a lost filter sits near 1.4)")
     model: ModelConfig = ModelConfig()
@@ -52,8 +53,8 @@ def learned_eval_data(trained: dict, checkpoint: str, *, seed: int = 0, cycles: 
     (model and observations of its training config `trained`), on held-out trajectories, in float32 (the
     network's precision). Every evaluation of a network (eval, export, reproduce, sweeps) is built here."""
     model = dict(trained.get("model", {}))
-    if Nx:
+    if Nx is not None:  # 0 or a negative size is refused by the validation, not taken for "the default"
         model["Nx"] = Nx
     return {"seed": seed, "cycles": cycles, "burn_in": min(burn_in, cycles - 1), "batch": batch, "dtype": "float32",
             "model": model, "observations": dict(trained.get("observations", {})),
-            "filter": {"method": "learned", "checkpoint": str(checkpoint), "N": N or trained.get("train", {}).get("Ne", 1)}}
+            "filter": {"method": "learned", "checkpoint": str(checkpoint), "N": N if N is not None else trained.get("train", {}).get("Ne", 1)}}

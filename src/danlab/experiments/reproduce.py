@@ -16,7 +16,7 @@ import pandas as pd
 
 from danlab.config import load_config
 from danlab.experiments.config import RunConfig, learned_eval_data
-from danlab.experiments.runner import run_experiment, tune_on_seed
+from danlab.experiments.runner import format_score, run_experiment, tune_on_seed
 from danlab.io import atomic_write_text, write_json
 from danlab.learned import load_net, resolve_net_dir
 
@@ -89,9 +89,10 @@ def reproduce_table(quick: bool, out: Path, threads: int | None = None, progress
         t0 = time.perf_counter()
         s = compute_row(kind, what, extra, b, threads)
         rows.append({"method": name, "paper": paper, "armse": s["armse"], "armse_ci": s["armse_ci"],
-                     "cycles_per_s": s.get("cycles_per_s"), "diverged": s.get("n_diverged", 0), "note": s["note"]})
+                     "cycles_per_s": s.get("cycles_per_s"), "diverged": s.get("n_diverged", 0),
+                     "experiments": s.get("experiments", 0), "note": s["note"]})
         if progress:
-            print(f"  {name}: {s['armse']:.4f} ± {s['armse_ci']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"  {name}: {_cell(rows[-1])} ({time.perf_counter() - t0:.0f} s)", flush=True)
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "table.csv", df.to_csv(index=False))
@@ -102,11 +103,22 @@ def reproduce_table(quick: bool, out: Path, threads: int | None = None, progress
     return df
 
 
+def _cell(r: dict, digits: int = 4) -> str:
+    """A row's score: "0.190 ± 0.002", "diverged (k of n)", or "no weights" when nothing was run."""
+    if not r.get("experiments") and r.get("armse") != r.get("armse"):
+        return "no weights"
+    return format_score({"armse": r.get("armse"), "armse_ci": r.get("armse_ci"), "n_diverged": r.get("diverged"),
+                         "experiments": r.get("experiments")}, digits)
+
+
 def table_markdown(df: pd.DataFrame, b: Budget) -> str:
     lines = ["| method | paper aRMSE | danlab aRMSE ± 95% CI | notes |", "|---|---|---|---|"]
-    for r in df.itertuples():
-        ours = "—" if r.armse != r.armse else f"{r.armse:.3f} ± {r.armse_ci:.3f}"
-        lines.append(f"| {r.method} | {r.paper:.3f} | {ours} | {r.note} |")
+    for r in df.to_dict("records"):
+        ours = _cell(r, 3)
+        if r.get("diverged") and r["armse"] == r["armse"]:
+            ours += f" ({int(r['diverged'])} of {int(r['experiments'])} diverged)"
+        r = pd.Series(r)
+        lines.append(f"| {r['method']} | {r['paper']:.3f} | {ours} | {r['note']} |")
     return ("\n".join(lines) + f"\n\nStandard Lorenz 96 twin (Nx 40, F 8, Δt 0.05, H = I, R = I); aRMSE over {b.batch} "
             f"experiments × {b.cycles - b.burn_in} cycles after {b.burn_in} cycles of burn-in.\n")
 
@@ -133,7 +145,7 @@ def reproduce_transfer(out: Path, quick: bool, weights: str = "l96_nf40_ne1", si
                        threads: int | None = None, progress: bool = True) -> pd.DataFrame:
     b = QUICK if quick else FULL
     path = WEIGHTS / weights if not Path(weights).exists() else Path(weights)
-    rows = []
+    rows, cells = [], []
     for Nx in sizes:
         cfg = _learned_config(path, b, seed=0, Nx=Nx)
         if threads:
@@ -142,18 +154,19 @@ def reproduce_transfer(out: Path, quick: bool, weights: str = "l96_nf40_ne1", si
         enkf = run_experiment(load_config(RunConfig, CONFIGS / "enkf_n.yaml", [f"model.Nx={Nx}", f"filter.N={Nx}"]
                                           + ([f"threads={threads}"] if threads else []) + _budget_overrides(b, 0)), None)
         row = {"Nx": Nx, "learned_armse": learned["armse"], "learned_ci": learned["armse_ci"],
+               "learned_diverged": learned["n_diverged"], "enkf_n_diverged": enkf["n_diverged"],
                "learned_ms_per_cycle": 1e3 / learned["cycles_per_s"], "enkf_n_armse": enkf["armse"], "enkf_n_ci": enkf["armse_ci"],
                "enkf_n_ms_per_cycle": 1e3 / enkf["cycles_per_s"], "batch": b.batch}
         rows.append(row)
         if progress:
-            print(f"  Nx {Nx}: a_θ {row['learned_armse']:.4f} ± {row['learned_ci']:.4f}, EnKF-N (N={Nx}) "
-                  f"{row['enkf_n_armse']:.4f} ± {row['enkf_n_ci']:.4f}", flush=True)
+            print(f"  Nx {Nx}: a_θ {format_score(learned)}, EnKF-N (N={Nx}) {format_score(enkf)}", flush=True)
+        cells.append((format_score(learned, 3), format_score(enkf, 3)))
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "transfer.csv", df.to_csv(index=False))
     lines = ["| Nx | a_θ (trained at Nx 40, Ne 1) | EnKF-N, N = Nx | a_θ ms/cycle | EnKF-N ms/cycle |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['Nx']} | {r['learned_armse']:.3f} ± {r['learned_ci']:.3f} | {r['enkf_n_armse']:.3f} ± {r['enkf_n_ci']:.3f} "
+    for r, (lc, ec) in zip(rows, cells):
+        lines.append(f"| {r['Nx']} | {lc} | {ec} "
                      f"| {r['learned_ms_per_cycle']:.2f} | {r['enkf_n_ms_per_cycle']:.2f} |")
     md = "\n".join(lines) + (f"\n\nms/cycle: wall time of one cycle of a batch of {b.batch} experiments (forecast + analysis + statistics); "
                              f"{b.batch} experiments × {b.cycles - b.burn_in} cycles after {b.burn_in} of burn-in.\n")

@@ -20,7 +20,8 @@ import xarray as xr
 from danlab.config import ConfigError, apply_overrides, load_config, parse_value, to_yaml, validate
 from danlab.cycle import CycleResult, run_cycles
 from danlab.experiments.config import RunConfig
-from danlab.io import atomic_write_text, write_json
+from danlab.io import atomic_write_text, check_output_dir, write_json
+from danlab.resources import check_run_memory, default_threads
 from danlab.twin import TwinStream
 
 
@@ -35,7 +36,8 @@ def simulate(cfg: RunConfig, filt=None, rows_per_experiment: int = 1, progress: 
     rows_per_experiment > 1 repeats each of the cfg.batch experiments that many times (for a grid whose
     points share truth and observations); the batch is then grid-major: row = point * batch + b.
     """
-    set_threads(cfg.threads)
+    check_run_memory(cfg, rows_per_experiment)
+    set_threads(cfg.threads or default_threads(cfg, rows_per_experiment))
     model = cfg.model.build()
     observer = cfg.observations.build(cfg.model.Nx)
     filt = (filt or cfg.filter).prepare(model, observer, cfg.torch_dtype, cfg.device)
@@ -87,17 +89,36 @@ def plot_rmse(res: CycleResult, summary: dict, path: Path) -> None:
         if np.nanmax(np.nan_to_num(res.spread_a)) > 0:
             ax.plot(k, np.nanmean(res.spread_a, 0), lw=0.6, alpha=0.7, label="analysis spread")
     ax.axvline(res.burn_in, color="k", lw=0.5, ls=":")
-    ax.set_yscale("log")
+    if (np.nan_to_num(res.rmse_a, nan=0.0) > 0).any():  # nothing to draw when every experiment diverged at once
+        ax.set_yscale("log")
     ax.set_xlabel("cycle")
-    ax.set_title(f"{summary['method']}: aRMSE {summary['armse']:.4f} ± {summary['armse_ci']:.4f}"
-                 f" (mean over {res.B} experiment{'s' if res.B > 1 else ''})", fontsize=10)
+    ax.set_ylabel("RMSE (mean over the scored experiments)")
+    ok = res.B - int(res.diverged.sum())
+    ax.set_title(f"{summary['method']}: aRMSE {format_score(summary)}"
+                 f" ({ok} of {res.B} experiment{'s' if res.B > 1 else ''} scored"
+                 + (f", {res.B - ok} diverged)" if ok < res.B else ")"), fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def format_score(s: dict, digits: int = 4) -> str:
+    """A summary's aRMSE for people: "0.1900 ± 0.0020", "diverged (k of n)" when no experiment was scored."""
+    armse, ci = s.get("armse", math.nan), s.get("armse_ci", math.nan)
+    if armse is not None and math.isfinite(armse):
+        return f"{armse:.{digits}f} ± {ci:.{digits}f}"
+    n = s.get("experiments")
+    k = s.get("n_diverged")
+    if k and n:
+        return f"diverged ({k} of {n})"
+    return "diverged" if s.get("diverged") else "—"
+
+
 def run_experiment(cfg: RunConfig, out: str | Path | None, progress: bool = False) -> dict:
+    if out is not None:
+        check_output_dir(out)
+    check_run_memory(cfg)
     res = simulate(cfg, progress=progress)
     summary = summarize(cfg, res)
     if out is not None:
@@ -125,6 +146,8 @@ def parse_grid(spec: str) -> tuple[str, list]:
             start, stop, step = (float(v) for v in rhs.split(":"))
         except ValueError:
             raise ConfigError(f"--grid {spec}: start:stop:step must be three numbers") from None
+        if not all(math.isfinite(v) for v in (start, stop, step)):
+            raise ConfigError(f"--grid {spec}: start, stop and step must be finite numbers")
         if step <= 0 or stop < start:
             raise ConfigError(f"--grid {spec}: need step > 0 and stop >= start")
         n = int(math.floor((stop - start) / step + 1e-9)) + 1
@@ -134,7 +157,7 @@ def parse_grid(spec: str) -> tuple[str, list]:
         if all(float(v).is_integer() for v in (start, stop, step)):
             values = [int(v) for v in values]
     else:
-        values = [parse_value(v) for v in rhs.split(",") if v.strip()]
+        values = [parse_value(v, f"--grid {spec}") for v in rhs.split(",") if v.strip()]
     if not values:
         raise ConfigError(f"--grid {spec}: no values")
     return name, values
@@ -143,6 +166,8 @@ def parse_grid(spec: str) -> tuple[str, list]:
 def tune(cfg: RunConfig, grids: list[tuple[str, list]], out: str | Path | None, progress: bool = False) -> dict:
     """Evaluate every point of the grid; points that differ only in tunable filter hyperparameters run
     as one batched run (one row per point and experiment, sharing truth and observations)."""
+    if out is not None:
+        check_output_dir(out)
     tunable = {f"filter.{n}" for n in type(cfg.filter).tunable}
     batched = [(n, v) for n, v in grids if n in tunable]
     looped = [(n, v) for n, v in grids if n not in tunable]
@@ -209,7 +234,8 @@ def _write_tune(cfg, grids, points, summary, out: Path) -> None:
                     label=None if key is None else f"{names[1]}={key[0] if isinstance(key, tuple) else key}")
     ax.set_xlabel(x)
     ax.set_ylabel("aRMSE")
-    ax.set_title(f"{cfg.filter.method}: best aRMSE {summary['armse']:.4f} at {summary['best']}", fontsize=9)
+    ax.set_title(f"{cfg.filter.method}: best aRMSE {summary['armse']:.4f} at {summary['best']}" if summary["best"]
+                 else f"{cfg.filter.method}: every point diverged", fontsize=9)
     if len(names) > 1:
         ax.legend(fontsize=7)
     fig.tight_layout()

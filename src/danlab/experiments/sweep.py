@@ -79,7 +79,7 @@ import yaml
 from pydantic import Field
 
 from danlab.config import ConfigError, Strict, parse_value, read_yaml, validate
-from danlab.io import atomic_write_text, write_json
+from danlab.io import atomic_write_text, check_output_dir, write_json
 
 DONE, ERROR = "done.json", "error.txt"
 SCORES = ("armse", "armse_ci", "spread", "cycles_per_s", "n_diverged")
@@ -138,7 +138,7 @@ def _pairs(over, where: str) -> list[tuple[str, Any]]:
         if not isinstance(item, str) or "=" not in item:
             raise ConfigError(f"{where}: expected key.sub=value (got {item!r})")
         k, v = item.split("=", 1)
-        out.append((k.strip(), parse_value(v)))
+        out.append((k.strip(), parse_value(v, f"{where}: {item}")))
     return out
 
 
@@ -317,6 +317,10 @@ def _expand(s: Sweep, root: Path, threads: int) -> tuple[list[Point], list[Train
                         _set_key(tdata, k, v)
                 _set_key(tdata, "train.threads", threads)
                 tcfg = validate(TrainRunConfig, tdata)
+                try:
+                    tcfg.net.check_size(tcfg.model.Nx)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
                 tdump = _dump(tcfg)
                 thash = _short_hash(_strip(tdump, "train.threads"))
                 t = trainings.setdefault(thash, Training(thash, root / f"train-{thash}", tdump))
@@ -435,6 +439,19 @@ class _Synchronous:
         return self.Done(fn(*args))
 
 
+SCHEDULER_TIMEOUT_S = 10
+_ADDRESS = re.compile(r"^(tcp|tls|ucx|ws|wss|inproc)://[^\s/:]+(:\d{1,5})?/?$")
+
+
+def check_scheduler(scheduler) -> None:
+    """Refuse, before anything runs, a scheduler argument that is neither 'synchronous' nor an address."""
+    if scheduler is None or scheduler == "synchronous" or not isinstance(scheduler, str):
+        return
+    if not _ADDRESS.match(scheduler):
+        raise ConfigError(f"--scheduler {scheduler}: expected 'synchronous' or a Dask scheduler address, "
+                          "e.g. tcp://host:8786")
+
+
 def _client(scheduler, workers: int):
     """(client, closer) for the scheduler argument."""
     if scheduler == "synchronous":
@@ -454,7 +471,11 @@ def _client(scheduler, workers: int):
             cluster.close()
         return client, close
     if isinstance(scheduler, str):
-        client = Client(scheduler)
+        check_scheduler(scheduler)
+        try:
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ConfigError(f"--scheduler {scheduler}: cannot reach the scheduler ({_one_line(exc)})") from None
         return client, client.close
     raise ConfigError(f"scheduler: expected None, 'synchronous', an address or a Client (got {scheduler!r})")
 
@@ -616,6 +637,19 @@ def run_sweep(path_or_sweep: str | Path | Sweep, out: str | Path = "runs/sweeps"
         sweep = load_sweep(path_or_sweep, budget)
     if workers < 1 or threads < 1:
         raise ConfigError(f"workers and threads must be >= 1 (got workers={workers}, threads={threads})")
+    check_scheduler(scheduler)
+    check_output_dir(out)
+    if scheduler is None:  # our own LocalCluster: its workers' PyTorch threads must not oversubscribe the cores
+        from danlab.resources import cores
+        if workers * threads > cores():
+            pinned = max(1, cores() // workers)
+            if progress:
+                print(f"sweep: {workers} workers × {threads} threads > {cores()} cores: {pinned} thread(s) per task",
+                      file=sys.stderr, flush=True)
+            threads = pinned
+    early = None
+    if isinstance(scheduler, str) and scheduler != "synchronous":  # a dead address is refused before anything is said
+        early = _client(scheduler, workers)
     root = Path(out).resolve() / sweep.folder_name
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "sweep.yaml", yaml.safe_dump(sweep.resolved(), sort_keys=False))
@@ -648,14 +682,19 @@ def run_sweep(path_or_sweep: str | Path | Sweep, out: str | Path = "runs/sweeps"
         count[0] += 1
         if res["status"] == "ok":
             r = res["record"]
-            say(f"[{count[0]}/{len(todo)}] {p.id}: {sweep.score} {_num(r.get(sweep.score)):.4g}"
-                + (f" ± {_num(r.get('armse_ci')):.2g}" if sweep.score == "armse" else "")
-                + f" ({time.perf_counter() - t0:.0f} s)")
+            if sweep.score == "armse":
+                from danlab.experiments.runner import format_score
+                shown = format_score(r)
+            else:
+                shown = f"{_num(r.get(sweep.score)):.4g}"
+            say(f"[{count[0]}/{len(todo)}] {p.id}: {sweep.score} {shown} ({time.perf_counter() - t0:.0f} s)")
         else:
             say(f"[{count[0]}/{len(todo)}] {p.id}: FAILED {res['error']}")
 
+    if early is not None and not todo:
+        early[1]()
     if todo:
-        client, close = _client(scheduler, workers)
+        client, close = early or _client(scheduler, workers)
         try:
             results = _execute(client, sweep, todo, trainings, threads, log)
         finally:

@@ -43,10 +43,57 @@ def spread(E: torch.Tensor) -> torch.Tensor:
     return (X * X).sum(-2).mean(-1).div(E.shape[-2] - 1).sqrt()
 
 
+def rows_ok(*tensors: torch.Tensor) -> torch.Tensor:
+    """(B,) True where every entry of the row of each (B, ...) tensor is finite."""
+    ok = None
+    for t in tensors:
+        f = torch.isfinite(t).flatten(1).all(-1)
+        ok = f if ok is None else ok & f
+    return ok
+
+
+def sanitise(ok: torch.Tensor, t: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+    """t with the rows where `ok` is False replaced by `value` (t itself, untouched, when every row is ok)."""
+    if bool(ok.all()):
+        return t
+    return torch.where(ok.view(-1, *([1] * (t.dim() - 1))), t, torch.as_tensor(value, dtype=t.dtype, device=t.device))
+
+
+def flag_rows(ok: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+    """E with the rows where `ok` is False set to NaN: the DA loop then flags those experiments as diverged."""
+    return sanitise(ok, E, float("nan"))
+
+
+def safe_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """eigh of a batch of symmetric matrices that never raises: (lam, V, ok). A row that is not finite, or
+    on which LAPACK fails to converge (an ensemble blown up to huge values), is replaced by the identity and
+    reported in ok (B,) as False, so that its filter can mark that experiment diverged; the other rows are
+    decomposed exactly as they would be on their own (the batched decomposition works matrix by matrix)."""
+    ok = rows_ok(G)
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    G = torch.where(ok.view(-1, 1, 1), G, eye) if not bool(ok.all()) else G
+    try:
+        lam, V = torch.linalg.eigh(G)
+    except torch.linalg.LinAlgError:  # rare: find the rows that fail, one at a time, and replace them
+        bad = torch.zeros_like(ok)
+        for b in range(G.shape[0]):
+            try:
+                torch.linalg.eigh(G[b])
+            except torch.linalg.LinAlgError:
+                bad[b] = True
+        ok = ok & ~bad
+        G = torch.where(ok.view(-1, 1, 1), G, eye)
+        lam, V = torch.linalg.eigh(G)
+    ok = ok & rows_ok(lam, V)
+    return lam, V, ok
+
+
 def sym_eig_fn(G: torch.Tensor, fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition G = V diag(lam) V^T of a batch of symmetric matrices; returns (V, fn(lam))."""
-    lam, V = torch.linalg.eigh(G)
-    return V, fn(lam)
+    """Eigen-decomposition G = V diag(lam) V^T of a batch of symmetric matrices; returns (V, fn(lam)). Rows
+    that cannot be decomposed (see `safe_eigh`) come back as NaN, so that they propagate to that experiment's
+    analysis only."""
+    lam, V, ok = safe_eigh(G)
+    return V, flag_rows(ok, fn(lam))
 
 
 def apply_sym(V: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -55,7 +102,7 @@ def apply_sym(V: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 class Filter(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False)
 
     N: int = Field(20, ge=1, description="ensemble size")
     tunable: ClassVar[tuple[str, ...]] = ()

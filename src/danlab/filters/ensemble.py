@@ -14,7 +14,8 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from danlab.filters.base import Filter, apply_sym, mean_and_anomalies, per_batch, sym_eig_fn
+from danlab.filters.base import (Filter, apply_sym, flag_rows, mean_and_anomalies, per_batch, rows_ok, safe_eigh,
+                                 sanitise, sym_eig_fn)
 from danlab.observations import Obs
 from danlab.rng import BatchRNG
 
@@ -53,9 +54,11 @@ class EnKF(InflatedEnsembleFilter):
         eps = rng.randn(N, Nx, dtype=E.dtype, device=E.device)
         eps = (eps - eps.mean(-2, keepdim=True)) * math.sqrt(N / (N - 1))
         D = (obs.innovation(E) + obs.H(obs.sigma * eps)) / obs.sigma  # R^-1/2 (y + e_n - H E_n)
-        C = torch.linalg.inv(S @ S.mT + torch.eye(N, dtype=E.dtype, device=E.device))
+        G = S @ S.mT
+        ok = rows_ok(G)  # a blown-up experiment: decomposed as the identity, then flagged (NaN) below
+        C, info = torch.linalg.inv_ex(sanitise(ok, G) + torch.eye(N, dtype=E.dtype, device=E.device))
         # K D_n = X^T (S S^T + I)^-1 S D_n for each member n
-        return E + (D @ S.mT @ C) @ X
+        return flag_rows(ok & (info == 0), E + (D @ S.mT @ C) @ X)
 
 
 class ETKF(InflatedEnsembleFilter):
@@ -109,6 +112,7 @@ def dual_inflation(lam: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, c: tor
         g = -(q * u / a**2).sum(-1, keepdim=True) - eps / u + c
         h = -(q * u * (1 - lam * u) / a**3).sum(-1, keepdim=True) + eps / u
         step = torch.where(h > 0, g / h.clamp(min=torch.finfo(h.dtype).tiny), g.sign()).clamp(-1.0, 1.0)
+        step = torch.where(torch.isfinite(step), step, 0.0)  # a blown-up row (flagged by the caller) stops at once
         t = t - step
         if step.abs().max() < tol:
             break
@@ -147,7 +151,9 @@ class EnKF_N(InflatedEnsembleFilter):
         xb, X = mean_and_anomalies(E)
         S = obs.H(X) / obs.sigma
         Sd = S @ (obs.innovation(xb) / obs.sigma).unsqueeze(-1)  # (B, N, 1)
-        lam, V = torch.linalg.eigh(S @ S.mT)
+        lam, V, ok = safe_eigh(S @ S.mT)  # a row that cannot be decomposed is flagged (NaN) at the end
+        ok = ok & rows_ok(Sd)
+        Sd = sanitise(ok, Sd)
         lam = lam.clamp(min=0)
         eps, c = hyperprior(lam, N, self.xN)
         u = dual_inflation(lam, (V.mT @ Sd).squeeze(-1) ** 2 / (N - 1), eps, c)
@@ -160,4 +166,4 @@ class EnKF_N(InflatedEnsembleFilter):
         else:
             T = apply_sym(V, a.rsqrt())
         xa = xb + (w.mT @ X).squeeze(-2)
-        return xa.unsqueeze(-2) + math.sqrt(N - 1) * (T @ X)
+        return flag_rows(ok, xa.unsqueeze(-2) + math.sqrt(N - 1) * (T @ X))

@@ -23,7 +23,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from danlab.filters.base import Filter, apply_sym, mean_and_anomalies
+from danlab.filters.base import Filter, apply_sym, flag_rows, mean_and_anomalies, safe_eigh
 from danlab.filters.ensemble import _inflate, hyperprior
 from danlab.observations import Obs
 from danlab.rng import BatchRNG
@@ -88,6 +88,7 @@ class IEnKF(Filter):
         T = torch.eye(N, dtype=E.dtype, device=E.device).expand(B, N, N).clone()
         Tinv = T.clone()
         r = torch.arange(B, device=E.device)  # the rows still iterating
+        ok = torch.ones(B, dtype=torch.bool, device=E.device)  # False: a blown-up row, flagged (NaN) at the end
         Ef = None
         for it in range(self.max_iter):
             xf, Xf = mean_and_anomalies(model(_members(x0[r], X0[r], w[r], a * T[r])))
@@ -96,7 +97,8 @@ class IEnKF(Filter):
                 Ef = xf.unsqueeze(-2) + math.sqrt(N - 1) * Xf
             o = obs if r.numel() == B else obs.select(r)
             S = Tinv[r] @ (o.H(Xf) / o.sigma)  # de-conditioned observed anomalies
-            lam, V = torch.linalg.eigh(S @ S.mT)
+            lam, V, ok_r = safe_eigh(S @ S.mT)
+            ok[r] = ok[r] & ok_r
             lam = lam.clamp(min=0)
             zeta = self._zeta(lam, w[r], r)
             grad = S @ (o.innovation(xf) / o.sigma).unsqueeze(-1) - zeta.unsqueeze(-1) * w[r].unsqueeze(-1)
@@ -104,7 +106,7 @@ class IEnKF(Filter):
             w[r] = w[r] + dw
             T[r] = apply_sym(V, (lam + zeta).rsqrt())
             Tinv[r] = apply_sym(V, (lam + zeta).sqrt())
-            r = r[dw.norm(dim=-1) >= self.tol]
+            r = r[dw.norm(dim=-1) >= self.tol]  # a non-finite step (a blown-up row) leaves too
             if r.numel() == 0:
                 break
-        return Ef, model(_members(x0, X0, w, T))
+        return Ef, flag_rows(ok, model(_members(x0, X0, w, T)))

@@ -30,7 +30,7 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiL
 
 
 class NetConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: Literal["cnn", "linear", "simplified"] = "cnn"
     Nf: int = Field(40, ge=1, description="number of filters")
@@ -48,6 +48,12 @@ class NetConfig(BaseModel):
         if k % 2 == 0:
             raise ValueError(f"must be odd (got {k})")
         return k
+
+    def check_size(self, Nx: int) -> None:
+        """Refuse a state size the circular padding cannot wrap: kernel // 2 must not exceed Nx."""
+        if self.kernel // 2 > Nx:
+            raise ValueError(f"net.kernel: a kernel of {self.kernel} needs Nx >= {self.kernel // 2} "
+                             f"(circular padding of {self.kernel // 2} sites), got model.Nx={Nx}")
 
 
 def _conv(cin: int, cout: int, k: int) -> nn.Conv1d:

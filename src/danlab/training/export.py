@@ -1,13 +1,15 @@
 """Export the best network of a training run as shippable weights with their provenance.
 
 `danlab export RUN_DIR weights/NAME` copies the run's best network (weights + sidecar), evaluates it
-as a filter on held-out trajectories, and writes beside it: provenance.json (training config, seed, code
+as a filter on held-out trajectories, and writes beside it (all of it in a temporary folder first, renamed
+into place when complete: see `export`): provenance.json (training config, seed, code
 version, wall time, step, the measured score and the command that measures it), the training curve
 (metrics.csv and curve.png: validation aRMSE against wall-clock time) and a short README.md.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pandas as pd
 from danlab.config import load_config
 from danlab.experiments.config import RunConfig, learned_eval_data
 from danlab.experiments.runner import run_experiment
-from danlab.io import atomic_write_text, code_version, write_json
+from danlab.io import atomic_write_text, check_output_dir, code_version, write_json
 from danlab.learned import load_net, resolve_net_dir
 from danlab.training.checkpoint import CheckpointError
 
@@ -39,22 +41,65 @@ def plot_curve(metrics: pd.DataFrame, path: Path, title: str) -> None:
 
 def export(run_dir: str | Path, dest: str | Path, cycles: int = 10_000, burn_in: int = 500, batch: int = 8,
            seed: int = 0) -> dict:
+    """Export never deletes or half-writes: everything is written to a temporary folder beside `dest` and
+    renamed into place only once complete (the whole folder when `dest` is new; file by file, each an atomic
+    rename, into an existing `dest`, whose other files, e.g. a shipped run/, are kept). A failure at any point
+    leaves `dest` as it was."""
     run_dir, dest = Path(run_dir), Path(dest)
     src = resolve_net_dir(run_dir)
     net, meta = load_net(src)  # refuses a corrupt network before anything is written
     if not (run_dir / "metrics.csv").is_file():
         raise CheckpointError(f"{run_dir}: no metrics.csv: not a training run folder")
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in dest.glob("model*"):
-        f.unlink()
-    shutil.copy2(src / "model.json", dest / "model.json")
-    shutil.copy2(src / meta["tensors"], dest / meta["tensors"])
-    load_net(dest)
+    for what, path in (("the training run folder", run_dir), ("the network it exports", src)):
+        if os.path.realpath(dest) == os.path.realpath(path):
+            raise CheckpointError(f"{dest}: is {what} ({path}): export into another folder")
+    check_output_dir(dest, "export destination")
+    trained = meta.get("trained_with", {})
+    missing = [k for k in ("seed", "model", "observations", "net", "train") if k not in trained]
+    missing += [k for k in ("step", "wall_s", "code_version", "val_armse", "val_ci", "val_setup") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{src}/model.json: not the network of a training run (no {missing[0]} in its sidecar)")
+    tmp = dest.parent / f".{dest.name}.export-tmp-{os.getpid()}"
+    # the evaluation config, validated before anything is written (e.g. --cycles 0 is refused here)
+    eval_cfg = load_config(RunConfig, data=learned_eval_data(trained, tmp, seed=seed, cycles=cycles, burn_in=burn_in,
+                                                             batch=batch))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        prov = _export_into(tmp, dest, run_dir, src, meta, eval_cfg, cycles, burn_in, batch, seed)
+        _install(tmp, dest, meta["tensors"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return prov
+
+
+def _install(tmp: Path, dest: Path, tensors: str) -> None:
+    """Move the finished export in `tmp` into `dest`: one rename when `dest` is new; else each file by an
+    atomic rename, the tensor file first and the sidecar that names it after, then the superseded tensor files
+    of the previous export (no longer named by any sidecar) are removed. Nothing else in `dest` is touched."""
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    names = sorted(f.name for f in tmp.iterdir())
+    order = [tensors, "model.json"] + [n for n in names if n not in (tensors, "model.json")]
+    for name in order:
+        os.replace(tmp / name, dest / name)
+    for old in dest.glob("model-*.safetensors"):
+        if old.name != tensors:
+            old.unlink(missing_ok=True)
+
+
+def _export_into(out: Path, dest: Path, run_dir: Path, src: Path, meta: dict, eval_cfg, cycles: int, burn_in: int,
+                 batch: int, seed: int) -> dict:
+    """Write the export of `src` (the network of `run_dir`) into the folder `out`, named after `dest`."""
+    shutil.copy2(src / "model.json", out / "model.json")
+    shutil.copy2(src / meta["tensors"], out / meta["tensors"])
+    load_net(out)
     metrics = pd.read_csv(run_dir / "metrics.csv")
-    atomic_write_text(dest / "metrics.csv", metrics.to_csv(index=False))
+    atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
     trained = meta["trained_with"]
-    data = learned_eval_data(trained, dest, seed=seed, cycles=cycles, burn_in=burn_in, batch=batch)
-    score = run_experiment(load_config(RunConfig, data=data), None)
+    score = run_experiment(eval_cfg, None)
     v = metrics.dropna(subset=["val_armse"])
     curve = [{"wall_min": round(w / 60, 2), "step": int(s), "val_armse": round(a, 4)}
              for w, s, a in zip(v["wall_s"], v["step"], v["val_armse"])]
@@ -70,10 +115,10 @@ def export(run_dir: str | Path, dest: str | Path, cycles: int = 10_000, burn_in:
                        "command": f"danlab eval {dest} --cycles {cycles} --burn-in {burn_in} --batch {batch} --seed {seed} --json"},
         "curve": curve, "exported_by_code_version": code_version(),
     }
-    write_json(dest / "provenance.json", prov)
-    plot_curve(metrics, dest / "curve.png", f"{dest.name}: validation aRMSE during training")
+    write_json(out / "provenance.json", prov)
+    plot_curve(metrics, out / "curve.png", f"{dest.name}: validation aRMSE during training")
     t = trained["train"]
-    atomic_write_text(dest / "README.md", (
+    atomic_write_text(out / "README.md", (
         f"# {dest.name}\n\nLearned analysis a_θ ({trained['net']['kind']}, N_f {trained['net']['Nf']}, "
         f"{trained['net']['Nbl']} blocks × {trained['net']['Nl']} layers, kernel {trained['net']['kernel']}), Ne = {t['Ne']}, "
         f"trained on Lorenz 96 (Nx {trained['model']['Nx']}, F {trained['model']['F']}, Δt {trained['model']['dt'] * trained['model']['steps']}, "
