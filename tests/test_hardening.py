@@ -286,6 +286,8 @@ def test_non_utf8_and_folder_configs(tmp_path):
     (["eval", SHIPPED, "--burn-in", "-1"], "--burn-in"),
     (["run", "configs/l96/etkf.yaml", "--set", "filter.N=10000000"], "filter.N"),
     (["run", "configs/l96/etkf.yaml", "--set", "model.Nx=100000000"], "model.Nx"),
+    (["train", "configs/l96/dan_nf40.yaml", "--set", "model.Nx=100000000"], "model.Nx"),
+    (["train", "configs/l96/dan_nf40.yaml", "--set", "train.Nt=100000000"], "train.Nt"),
     (["run", "configs/l96"], "is a folder"),
     (["train", "--resume", "configs"], "not a training run folder"),
     (["train", "configs/l96/dan_nf40.yaml", "--set", "net.kernel=4"], "net.kernel"),
@@ -366,6 +368,10 @@ def test_memory_estimate_names_the_knob():
         cfg = load_config(RunConfig, ROOT / "configs/l96/enkf_n.yaml", [over])
         with pytest.raises(ConfigError, match=f"^{knob}: this run would need .* lower {knob}"):
             check_run_memory(cfg, available=16 * 1024**3)
+    from danlab.resources import check_train_memory
+    assert check_train_memory(load_config(TrainRunConfig, ROOT / "configs/l96/dan_nf40.yaml")) < 2 * 1024**3
+    with pytest.raises(ConfigError, match="^net.Nf: this training would need"):
+        check_train_memory(load_config(TrainRunConfig, ROOT / "configs/l96/dan_nf40.yaml", ["net.Nf=100000"]))
     terms = run_memory_terms(load_config(RunConfig, ROOT / "configs/l96/var3d.yaml", ["model.Nx=4000"]))
     assert "model.Nx" in terms[0][2]
 

@@ -90,6 +90,8 @@ def cmd_train(a) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_output_dir(run_dir, "--resume" if a.resume else "--out")
+    from danlab.resources import check_train_memory
+    check_train_memory(cfg)
     result = train(cfg, run_dir, resume=bool(a.resume), stop_after=a.stop_after, progress=not a.quiet)
     print(json.dumps(result | {"run_dir": str(run_dir)}))
     return 0
