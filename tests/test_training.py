@@ -81,14 +81,18 @@ def test_head_learning_rate_and_its_change_on_resume(tmp_path):
 
 
 def test_weight_averaging(tmp_path):
-    """ema keeps avg = ema·avg + (1 − ema)·θ after each step; it may be switched on at a resume (starting from
-    the current weights, recorded), the averaged network is the one validated, and a resumed run is exact."""
+    """ema keeps avg = d·avg + (1 − d)·θ after each step, d = min(ema, (1 + step)/(10 + step)); it may be switched
+    on at a resume (starting from the current weights, recorded), the averaged network is the one validated, and
+    a resumed run is exact."""
     t = Trainer(tiny(ema=0.75), tmp_path / "x")
-    avg0 = {k: v.clone() for k, v in t.avg.state_dict().items()}
-    assert all(torch.equal(v, t.net.state_dict()[k]) for k, v in avg0.items())
-    t.train_step()
-    for k, v in t.net.state_dict().items():
-        assert torch.allclose(t.avg.state_dict()[k], 0.75 * avg0[k] + 0.25 * v, atol=1e-7), k
+    assert all(torch.equal(v, t.net.state_dict()[k]) for k, v in t.avg.state_dict().items())
+    t2 = Trainer(tiny(ema=0.2), tmp_path / "y")
+    for tr, ds in ((t, [0.1, 2 / 11, 0.25, 4 / 13]), (t2, [0.1, 2 / 11, 0.2, 0.2])):
+        for step, d in enumerate(ds):
+            avg0 = {k: v.clone() for k, v in tr.avg.state_dict().items()}
+            tr.train_step()
+            for k, v in tr.net.state_dict().items():
+                assert torch.allclose(tr.avg.state_dict()[k], d * avg0[k] + (1 - d) * v, atol=1e-7), (step, k)
     assert not torch.equal(t.avg.gain, t.net.gain)
     # switched on at a resume: starts from the trained weights, recorded in the history
     train(tiny(), tmp_path / "a", stop_after=4, progress=False)

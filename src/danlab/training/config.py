@@ -21,7 +21,8 @@ class TrainConfig(Strict):
     lr_head: float = Field(1.0, gt=0, description="learning-rate factor of the output layer and the gain "
                                                    "(a sharp direction: a uniform increment is barely damped by the cycles)")
     ema: float = Field(0.0, ge=0, lt=1, description="weight averaging: the validated and kept network is the exponential "
-                                                     "moving average of the weights with this decay per step (0: off)")
+                                                     "moving average of the weights with this decay per step, or (1 + step)/(10 + step) "
+                                                     "if smaller (early in a run); 0: off")
     clip: float = Field(1.0, gt=0, description="gradient norm clipping")
     loss: Literal["supervised", "semisupervised"] = "supervised"
     teacher_weight: float = Field(0.0, ge=0, le=1, description="supervised target = w × the analysis mean of a "
