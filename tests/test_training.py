@@ -220,22 +220,27 @@ def test_resumed_run_with_a_teacher_equals_uninterrupted(tmp_path):
 
 
 def test_distillation_steps_regress_the_analysis_of_the_teachers_forecast(tmp_path):
-    """A distillation step is one cycle: a_θ's analysis of the teacher's forecast mean, against the target; no
-    model forecast of a_θ's own state. Replayed by hand from the same teacher ensembles and weights."""
+    """A distillation step is one cycle: a_θ's analyses of the teacher's forecast mean and of the forecast of its
+    own carried state, both against the target, the model not differentiated. Replayed by hand from the same
+    teacher ensembles, states and weights."""
     from danlab.filters.ensemble import EnKF_N
     from danlab.twin import TwinStream
     cfg = tiny(distill_steps=2, teacher_weight=1.0, teacher_N=10)
     tr = Trainer(cfg, tmp_path)
-    ET, net = tr.E_teacher.clone(), copy.deepcopy(tr.net)
+    ET, E0, net = tr.E_teacher.clone(), tr.E.clone(), copy.deepcopy(tr.net)
     twin = TwinStream(tr.model, tr.observer, 16, cfg.seed, ids=None, dtype=torch.float32)
     loss, E, x = tr.distill_loss()
     x2, obs = twin.step()
     EfT = tr.model(ET)
     xa = EnKF_N(N=10, xN=cfg.train.teacher_xN).analysis(EfT, obs, None).mean(1)
-    xf = EfT.mean(1, keepdim=True)
-    Ea = xf + net(xf, obs.HtRinv_innovation(xf.mean(1)))
-    assert torch.equal(x, x2) and torch.allclose(E, Ea, atol=1e-5)
-    assert float(loss.detach()) == pytest.approx(float((Ea - xa.unsqueeze(1)).pow(2).mean().detach()), rel=1e-5)
+    a = lambda xf: xf + net(xf, obs.HtRinv_innovation(xf.mean(1)))
+    Ea_teacher, Ea_own = a(EfT.mean(1, keepdim=True)), a(tr.model(E0))
+    assert torch.equal(x, x2) and torch.allclose(E, Ea_own, atol=1e-5)
+    expected = 0.5 * ((Ea_teacher - xa.unsqueeze(1)).pow(2).mean() + (Ea_own - xa.unsqueeze(1)).pow(2).mean())
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    # the gradient does not flow into the model's forecast of the carried state
+    loss.backward()
+    assert E0.grad is None and tr.net.gain.grad is not None
     # the network's trajectories start from its last analyses of the teacher's forecasts; then windows follow
     seen = []
     orig = tr.distill_loss

@@ -246,14 +246,23 @@ class Trainer:
         return x + w * (xa - x), EfT
 
     def distill_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One cycle of a_θ on the teacher's forecast: (loss, E^a, truth)."""
+        """One cycle of a_θ on the teacher's forecast and on its own (the forecast of its carried analysis, not
+        differentiated through the model), both against the same target: (loss, a_θ's own E^a, truth).
+
+        The teacher's forecasts alone teach a map that is not stable when cycled: measured, a network that put
+        its single-cycle analyses of them within 0.057 of the teacher's scored 0.54 as a filter. Its own
+        forecasts keep the samples on the errors it makes itself (as in DAgger); the target stays valid there,
+        since the teacher's analysis mean estimates E[x_k | y_1:k] and a_θ's forecast is a function of y_1:k-1."""
         tc = self.cfg.train
         x, obs = self.twin.step()
         target, EfT = self.teacher_target(x, obs)
         Ef = EfT.mean(1, keepdim=True) if tc.Ne == 1 else EfT[:, :tc.Ne]
+        with torch.no_grad():
+            Ef_own = self.model(self.E)
         with self._amp():
-            E = self.filter.analysis(Ef, obs, None)
-        return (E - target.unsqueeze(1)).pow(2).mean(), E, x
+            both = obs.select(torch.arange(len(x), device=x.device).repeat(2))
+            Ea, E = self.filter.analysis(torch.cat([Ef, Ef_own]), both, None).chunk(2)
+        return 0.5 * ((Ea - target.unsqueeze(1)).pow(2).mean() + (E - target.unsqueeze(1)).pow(2).mean()), E, x
 
     def _amp(self):
         tc = self.cfg.train
