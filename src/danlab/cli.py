@@ -178,6 +178,20 @@ def cmd_config(a) -> int:
     return 0
 
 
+def cmd_analyse(a) -> int:
+    from danlab.diagnostics.run import analyse_command
+    summary = analyse_command(a)
+    if a.json:
+        print(json.dumps(summary, default=str))
+    else:
+        print(f"b {summary['b']:.2e}, s {summary['s']:.2e}; P^a least squares vs Jacobian {summary['pa_ls_vs_jacobian']:.3f}; "
+              f"eigenvalue ratio a_θ/EnKF-N, modes 1-10: {', '.join(f'{r:.2f}' for r in summary['eig_ratio'])}; "
+              f"sensitivity extent {summary['sensitivity_extent']} sites; {summary['lyapunov_positive']} positive Lyapunov "
+              f"exponents; alignment cosine {summary['alignment_cos']:.3f} (EnKF-N {summary['alignment_cos_enkf']:.3f})")
+        print(f"results in {summary['out']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="danlab", description="Learned and classical data assimilation on chaotic dynamics")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -257,6 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--kind", choices=["run", "train"], help="which config (default: guessed from CONFIG, else both)")
     cs.set_defaults(fn=cmd_config)
 
+    sp = sub.add_parser("analyse", help="explain what a trained a_theta learned (operator expansion, spectra, sensitivity, Lyapunov)")
+    sp.add_argument("weights", help="network folder, training run folder, or a name under weights/")
+    sp.add_argument("--cycles", help="cycles of the twin (default 10000; --quick 2000)")
+    sp.add_argument("--burn-in", help="cycles before the statistics (default 1000)")
+    sp.add_argument("--seed", default="0")
+    sp.add_argument("--nx", help="state size (default: the training one)")
+    sp.add_argument("--np", help="N_p, sampled innovations of the least-squares P^a (default 400; --quick 200)")
+    sp.add_argument("--innovation-scale", help="the sampled innovations are N(0, scale^2 R) (default 1)")
+    sp.add_argument("--snapshots", help="cycles at which P^a is estimated (default 200; --quick 30)")
+    sp.add_argument("--threads", help="CPU threads for PyTorch")
+    sp.add_argument("--quick", action="store_true", help="a small budget (<= 2 min on 2 cores)")
+    sp.add_argument("--out", help="folder (default: runs/analyse-<time>)")
+    sp.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    sp.set_defaults(fn=cmd_analyse)
     return p
 
 
