@@ -431,3 +431,41 @@ def test_rmse_plot_labels_and_counts(tmp_path, monkeypatch):
     run_experiment(cfg, tmp_path)
     assert "RMSE" in seen["ylabel"]
     assert "2 of 3 experiments scored, 1 diverged" in seen["title"]
+
+
+# ---------------------------------------------------------------- threads under contention
+
+def test_default_threads_by_problem_size(monkeypatch):
+    from danlab import resources
+    monkeypatch.setattr(resources, "cores", lambda: 16)
+    small = load_config(RunConfig, ROOT / "configs/l96/enkf_n.yaml", ["batch=64", "filter.N=40"])
+    assert resources.default_threads(small) == 1
+    assert resources.default_threads(small, rows=1000) == 16  # a big tuning grid: 64 000 experiments × 40 × 40
+    big = load_config(RunConfig, ROOT / "configs/l96/enkf_n.yaml", ["model.Nx=8000"])
+    assert resources.default_threads(big) == 16
+    cfg = load_config(RunConfig, ROOT / "configs/l96/etkf.yaml", ["cycles=20", "burn_in=2"])
+    torch.set_num_threads(2)
+    assert run_experiment(cfg, None)["threads"] == 1
+    assert run_experiment(cfg.model_copy(update={"threads": 2}), None)["threads"] == 2
+
+
+def test_sweep_workers_times_threads_within_the_cores(monkeypatch, tmp_path, capsys):
+    import danlab.experiments.sweep as sweep
+    from danlab import resources
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def expand(s, root, threads):
+        seen["threads"] = threads
+        raise Stop
+    monkeypatch.setattr(resources, "cores", lambda: 4)
+    monkeypatch.setattr(sweep, "_expand", expand)
+    for workers, threads, expected in ((2, 4, 2), (4, 1, 1), (8, 2, 1), (1, 3, 3)):
+        with pytest.raises(Stop):
+            sweep.run_sweep(ROOT / "configs/sweeps/example_tiny.yaml", out=tmp_path, workers=workers, threads=threads)
+        assert seen["threads"] == expected, (workers, threads)
+    with pytest.raises(Stop):  # an existing cluster is not ours to pin
+        sweep.run_sweep(ROOT / "configs/sweeps/example_tiny.yaml", out=tmp_path, scheduler="synchronous", workers=2, threads=4)
+    assert seen["threads"] == 4
