@@ -1,6 +1,7 @@
 import copy
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,47 @@ def test_distillation_steps_regress_the_analysis_of_the_teachers_forecast(tmp_pa
     assert torch.equal(a.E_teacher, b.E_teacher) and torch.equal(a.E, b.E)
     with pytest.raises(ValueError, match="Ne <= teacher_N"):
         tiny(distill_steps=2, Ne=12, teacher_N=10)
+
+
+def test_semisupervised_loss_is_eq15_over_every_analysis_of_the_window(tmp_path):
+    """L = mean over the N_iter analyses x^a_k of |y_k+1 - H M(x^a_k)|² / Ny, replayed by hand; the last
+    observations are then assimilated into the carried state; with N_iter = 1 the loss has a gradient."""
+    from danlab.twin import TwinStream
+    for N_iter in (1, 3):
+        cfg = tiny(loss="semisupervised", N_iter=N_iter)
+        tr = Trainer(cfg, tmp_path / str(N_iter))
+        E0, net = tr.E.clone(), copy.deepcopy(tr.net)
+        twin = TwinStream(tr.model, tr.observer, 16, cfg.seed, ids=None, dtype=torch.float32)
+        loss, E, _ = tr.window_loss()
+        a = lambda Ef, obs: Ef + net(Ef, obs.HtRinv_innovation(Ef.mean(1)))
+        _, obs = twin.step()
+        Ef, expected = tr.model(E0), 0.0
+        for _ in range(N_iter):
+            Ea = a(Ef, obs)
+            _, obs = twin.step()
+            Ef = tr.model(Ea)
+            expected = expected + (obs.y - obs.mask * Ef[:, 0]).pow(2).sum(-1).div(40).mean()
+        assert float(loss.detach()) == pytest.approx(float(expected.detach()) / N_iter, rel=1e-5)
+        assert torch.allclose(E, a(Ef, obs).detach(), atol=1e-5) and tr.twin.k == N_iter + 1
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tr.net.parameters())
+        assert float(tr.net.gain.grad.abs()) > 0
+
+
+def test_semisupervised_training_needs_no_truth(tmp_path):
+    """The truth the trainer sees is poisoned (NaN): the loss, the resets and so the weights never see it, and the
+    semi-supervised run still learns (its loss falls) and validates against the real truth."""
+    cfg = tiny(loss="semisupervised", steps=150, val_every=1000, Nt=32, N_iter=2)
+    tr = Trainer(cfg, tmp_path)
+    step = tr.twin.step
+    tr.twin.step = lambda: (lambda x, obs: (torch.full_like(x, float("nan")), obs))(*step())
+    losses = [tr.train_step()[0] for _ in range(150)]
+    assert all(math.isfinite(v) for v in losses) and all(torch.isfinite(p).all() for p in tr.net.parameters())
+    # measured: validation aRMSE 0.443 untrained, 0.356 after these 150 steps (0.350 with the supervised loss)
+    trained, fresh = validate(cfg, tr.net, cycles=100)[0], validate(cfg, Trainer(cfg, tmp_path / "fresh").net, cycles=100)[0]
+    assert trained < 0.9 * fresh, (trained, fresh)
+    with pytest.raises(ValueError, match="teacher_weight"):
+        tiny(loss="semisupervised", distill_steps=3)
 
 
 def test_training_stops_at_its_wall_clock_budget_and_validates_there(tmp_path):

@@ -271,17 +271,38 @@ class Trainer:
     def window_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """N_iter chained cycles from the current states, differentiable throughout: (loss, last E^a, last truth)."""
         tc = self.cfg.train
+        if tc.loss == "semisupervised":
+            return self.semisupervised_window_loss()
         E, loss = self.E, 0.0
         for _ in range(tc.N_iter):
             x, obs = self.twin.step()
             Ef = self.model(E)
             with self._amp():
                 E = self.filter.analysis(Ef, obs, None)  # a_theta draws no random numbers
-            if tc.loss == "supervised":
-                target = x if self.teacher is None else self.teacher_target(x, obs)[0]
-                loss = loss + (E - target.unsqueeze(1)).pow(2).mean()
-            else:  # observations only: the forecast must fit the new observations
-                loss = loss + obs.innovation(Ef).pow(2).sum(-1).div(obs.Ny.unsqueeze(-1)).mean()
+            target = x if self.teacher is None else self.teacher_target(x, obs)[0]
+            loss = loss + (E - target.unsqueeze(1)).pow(2).mean()
+        self.last_obs = obs
+        return loss / tc.N_iter, E, x
+
+    def semisupervised_window_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Observations only (eq. 15 of the reference work): the analysis of cycle k is judged by how well its
+        forecast fits the next observations, L_k = |y_k+1 - H_k+1 M(x^a_k)|² / Ny, for each of the N_iter analyses
+        of the window, differentiable through the analysis of the same cycle (and the earlier ones) and the model.
+        The window takes N_iter + 1 cycles: the last cycle's observations score the last analysis' forecast, and
+        are then assimilated (not differentiated) into the state carried to the next window. The truth is only
+        returned, for monitoring; it reaches neither the loss nor the resets (see train_step)."""
+        tc = self.cfg.train
+        x, obs = self.twin.step()
+        Ef, loss = self.model(self.E), 0.0
+        for _ in range(tc.N_iter):
+            with self._amp():
+                E = self.filter.analysis(Ef, obs, None)
+            x, obs = self.twin.step()
+            Ef = self.model(E)
+            loss = loss + obs.innovation(Ef).pow(2).sum(-1).div(obs.Ny.unsqueeze(-1)).mean()
+        with torch.no_grad(), self._amp():
+            E = self.filter.analysis(Ef.detach(), obs, None)
+        self.last_obs = obs
         return loss / tc.N_iter, E, x
 
     def train_step(self) -> tuple[float, float, int, bool]:
@@ -301,10 +322,16 @@ class Trainer:
         with torch.no_grad():
             E = E.detach()
             r = rmse(E.mean(1), x)
-            bad = ~torch.isfinite(E).flatten(1).all(1) | ~(r < self.threshold)
+            if tc.loss == "supervised":  # lost trajectories restart around their truth
+                far, base = r, x
+            else:  # without the truth: judged by their misfit to the observations, restarted around them
+                obs = self.last_obs
+                far = obs.innovation(E.mean(1)).pow(2).sum(-1).div(obs.Ny).sqrt()
+                base = obs.y + (1 - obs.mask) * (obs.y.sum(-1, keepdim=True) / obs.Ny.unsqueeze(-1))
+            bad = ~torch.isfinite(E).flatten(1).all(1) | ~(far < self.threshold)
             n_bad = int(bad.sum())
             if n_bad:
-                fresh = initial_ensemble(x, tc.Ne, self.reset_rng, tc.init_std)
+                fresh = initial_ensemble(base, tc.Ne, self.reset_rng, tc.init_std)
                 E = torch.where(bad.view(-1, 1, 1), fresh, E)
             self.E = E
         self.step += 1
