@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,8 @@ class CycleResult:
     burn_in: int
     wall_s: float
     extra: dict = field(default_factory=dict)
+    rmse_s: np.ndarray | None = None  # (B, K) a smoother's RMSE at cycle k, NaN where not (yet) smoothed
+
 
     @property
     def B(self) -> int:
@@ -44,6 +47,11 @@ class CycleResult:
         k0 = self.burn_in
         per = [mean_with_ci(self.rmse_a[b, k0:]) for b in ok]
         armse, ci = combine_ci([p[0] for p in per], [p[1] for p in per])
+        smoothing = {}
+        if self.rmse_s is not None:  # scored over the cycles smoothed (the last `lag` cycles are not)
+            per = [mean_with_ci(s[np.isfinite(s)]) for s in (self.rmse_s[b, k0:] for b in ok)]
+            armse_s, ci_s = combine_ci([p[0] for p in per], [p[1] for p in per])
+            smoothing = {"armse_s": armse_s, "armse_s_ci": ci_s}
         return {
             "armse": armse,
             "armse_ci": ci,
@@ -52,6 +60,7 @@ class CycleResult:
             "experiments": int(rows.size),
             "n_diverged": int(self.diverged[rows].sum()),
             "diverged": bool(self.diverged[rows].any()),
+            **smoothing,
         }
 
 
@@ -69,27 +78,36 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
     truth's climatological spread: worse than the climatological mean, where a filter that has lost the
     truth sits, near sqrt(2) times that spread) is flagged from that cycle on and excluded from the scores; its
     ensemble is reset to the truth so that it cannot spoil the batched linear algebra of the others.
+
+    A smoother (a filter with a window of `lag` cycles) is also scored at the start of its window: rmse_s
+    of the cycle k - lag, once y_k has been assimilated.
     """
     if not 0 <= burn_in < cycles:
         raise ValueError(f"burn_in must be in [0, cycles) (got burn_in={burn_in}, cycles={cycles})")
     B = twin.B
     filter_rng = BatchRNG(seed, "filter", B, ids)
     E = initial_ensemble(twin.x, filt.N, BatchRNG(seed, "init", B, ids), init_std)
+    carry = filt.start(E)
+    lag = getattr(filt, "lag", 0)
+    truths = deque([twin.x], maxlen=lag + 1)  # the truth at the last lag + 1 times, the newest last
     threshold = divergence_factor * float(twin.x.std())
-    stats = torch.empty(4, cycles, B, dtype=torch.float64)
+    stats = torch.full((5 if lag else 4, cycles, B), float("nan"), dtype=torch.float64)
     diverged = torch.zeros(B, dtype=torch.bool)
     diverged_at = torch.full((B,), -1, dtype=torch.long)
     t0 = time.perf_counter()
     with torch.no_grad():
         for k in tqdm(range(cycles), disable=not progress, desc=type(filt).__name__, mininterval=1.0):
             x, obs = twin.step()
-            Ef, E = filt.cycle(E, model, obs, filter_rng)
+            truths.append(x)
+            carry, Ef, E, Es, n = filt.step(carry, model, obs, filter_rng)
+            if Es is not None and k >= n:  # the smoothed state at cycle k - n (time 0 is no cycle)
+                stats[4, k - n] = rmse(Es.mean(-2), truths[-1 - n])
             ra = rmse(E.mean(-2), x)
             bad = ~torch.isfinite(E).flatten(1).all(-1) | ~(ra < threshold)
             if bad.any():
                 # restart from the truth (from 0 where the truth itself is not finite: it never spreads to the others)
                 x0 = torch.where(torch.isfinite(x), x, 0.0)
-                E = torch.where(bad.view(B, 1, 1), x0.unsqueeze(-2).expand_as(E), E)
+                carry = filt.restart(carry, bad, x0)
                 bad = bad.cpu()  # the bookkeeping lives on the CPU, whatever the states' device
                 diverged_at[bad & ~diverged] = k
                 diverged |= bad
@@ -102,4 +120,4 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
     dv = diverged.numpy()
     s[:, dv, :] = np.where(np.arange(cycles) >= diverged_at.numpy()[dv, None], np.nan, s[:, dv, :])
     return CycleResult(rmse_f=s[0], rmse_a=s[1], spread_f=s[2], spread_a=s[3], diverged=dv,
-                       diverged_at=diverged_at.numpy(), burn_in=burn_in, wall_s=wall)
+                       diverged_at=diverged_at.numpy(), burn_in=burn_in, wall_s=wall, rmse_s=s[4] if lag else None)

@@ -12,6 +12,7 @@ experiment, so that a whole tuning grid runs as one batched run.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -122,6 +123,102 @@ class Filter(BaseModel):
         """One DA cycle from the previous analysis E: returns (E^f, E^a)."""
         Ef = model(E)
         return Ef, self.analysis(Ef, obs, rng)
+
+    # The DA loop drives every filter through start/step/restart. A filter is a function of the previous
+    # analysis alone, so its carried state is that analysis; a smoother over a window (`WindowFilter`)
+    # carries more, and also returns its smoothed ensemble, `lag` cycles back.
+
+    def start(self, E: torch.Tensor):
+        """The carried state of the DA loop, from the initial ensemble E (B, N, Nx) at time 0."""
+        return E
+
+    def step(self, carry, model, obs: Obs, rng: BatchRNG):
+        """One DA cycle: (new carry, E^f, E^a at the new time, the smoothed ensemble n cycles back or None,
+        n)."""
+        Ef, Ea = self.cycle(carry, model, obs, rng)
+        return Ea, Ef, Ea, None, 0
+
+    def restart(self, carry, bad: torch.Tensor, x: torch.Tensor):
+        """The carry with the rows where `bad` (B,) is True restarted from the states x (B, Nx)."""
+        return torch.where(bad.view(-1, 1, 1), x.unsqueeze(-2).expand_as(carry), carry)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A smoother's carried state: the ensemble at the start of its data-assimilation window, (B, N, Nx),
+    and the observations of the window already seen (the next cycle's observation comes on top)."""
+
+    E: torch.Tensor
+    obs: tuple[Obs, ...] = ()
+
+
+class WindowFilter(Filter):
+    """A smoother over a data-assimilation window of `lag` cycles, shifted by one cycle (S = 1) at every
+    cycle (Bocquet & Sakov 2014). The window [t_{k-L}, t_k] holds the observations y_{k-L+1}, ..., y_k and
+    the prior (background) at t_{k-L}; the analysis of the window (`window_analysis`) weighs the
+    observation l cycles into it by beta_l:
+
+    - single data assimilation (mda False, SDA): only y_k, new to this window, with beta = 1; the others
+      were assimilated by the earlier windows, whose analyses the prior at t_{k-L} comes from;
+    - multiple data assimilation (mda True, MDA): every observation of the window with beta = 1/L, so that
+      each is assimilated, by parts, in the L windows that hold it. The prior at t_{k-L} then holds y_{k-L+l}
+      with the weight (L - l)/L only, so the filtering (at t_k) and smoothing (at t_{k-L}) estimates come from
+      a second, balancing analysis from the same prior with beta_l = l/L; the main analysis is the one
+      carried forward.
+
+    At the start of a run the window grows from the initial time until it holds L observations (n < L:
+    the window start stays at time 0; in MDA the weights are then beta_l = 1/L, balancing (L - n + l)/L).
+    The filtering analysis at t_k is the analysed ensemble at t_{k-L} run through the window by the model;
+    its first cycle is the next window's prior. The smoothed ensemble at t_{k-L} is returned once the
+    window is full.
+    """
+
+    lag: int = Field(1, ge=1, description="length L of the data-assimilation window, in cycles")
+    mda: bool = Field(False, description="multiple data assimilation (each observation in L windows, 1/L each)")
+
+    def start(self, E: torch.Tensor) -> Window:
+        return Window(E)
+
+    def restart(self, carry: Window, bad: torch.Tensor, x: torch.Tensor) -> Window:
+        return Window(super().restart(carry.E, bad, x), carry.obs)
+
+    def cycle(self, E: torch.Tensor, model, obs: Obs, rng: BatchRNG) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lag != 1:
+            raise ValueError(f"{type(self).__name__} with lag {self.lag} carries a window: run it by start/step")
+        _, Ef, Ea, _, _ = self.step(self.start(E), model, obs, rng)
+        return Ef, Ea
+
+    def step(self, carry: Window, model, obs: Obs, rng: BatchRNG):
+        seq = carry.obs + (obs,)
+        n, L = len(seq), self.lag
+        E0 = self.window_prior(carry.E)
+        weights = [1.0 / L] * n if self.mda else [0.0] * (n - 1) + [1.0]
+        Ef, E0a, run = self.window_analysis(E0, model, seq, weights)
+        Ea, Es = run[-1], E0a
+        if self.mda and L > 1:
+            _, Es, balanced = self.window_analysis(E0, model, seq, [(L - n + l) / L for l in range(1, n + 1)])
+            Ea = balanced[-1]
+        nxt = Window(run[0], seq[1:]) if n == L else Window(E0a, seq)
+        return nxt, Ef, Ea, (Es if n == L else None), n
+
+    def window_prior(self, E: torch.Tensor) -> torch.Tensor:
+        """The prior ensemble at the window start from the carried one (e.g. inflated); default: itself."""
+        return E
+
+    def window_analysis(self, E0: torch.Tensor, model, obs: tuple[Obs, ...], weights: list[float]):
+        """Analysis of one window from the prior E0 at its start: (E^f at its end from the first
+        iteration, the analysed ensemble at its start, the list of that ensemble run by the model to
+        each observation time of the window)."""
+        raise NotImplementedError
+
+
+def window_run(model, E: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """E run by the model through n cycles: the list of the n states after each."""
+    out = []
+    for _ in range(n):
+        E = model(E)
+        out.append(E)
+    return out
 
     def analysis(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not implement an analysis")

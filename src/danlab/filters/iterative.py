@@ -1,15 +1,19 @@
-"""Iterative ensemble Kalman filter: the IEnKF, i.e. the lag-1 IEnKS in its transform form.
+"""Iterative ensemble Kalman smoother (IEnKS) over a window of L cycles, and the IEnKF, its L = 1 case.
 
-Refs: Sakov, Oliver & Bertino (2012); Bocquet & Sakov (2012, 2014). The analysis at t_k is sought in the
-ensemble space of the previous analysis E (at t_{k-1}): x_{k-1} = x̄ + X^T w (X the normalised anomalies,
-prior w ~ N(0, I)), and the cost
+Refs: Sakov, Oliver & Bertino (2012); Bocquet & Sakov (2012, 2014). The analysis of the window
+[t_{k-L}, t_k] is sought in the ensemble space of the prior E at its start t_{k-L} (for the IEnKF, the
+previous analysis at t_{k-1}): x_{k-L} = x̄ + X^T w (X the normalised anomalies, prior w ~ N(0, I)), and
+the cost
 
-    J(w) = 1/2 |R^-1/2 (y_k - H M(x̄ + X^T w))|^2 + 1/2 |w|^2          (prior "infl")
+    J(w) = sum_l beta_l/2 |R^-1/2 (y_{k-L+l} - H M_l(x̄ + X^T w))|^2 + 1/2 |w|^2          (prior "infl")
+
+(beta: which observations of the window are assimilated, and how much: see `base.WindowFilter`; the IEnKF
+has the single term y_k, beta 1; M_l: the model over l cycles)
 
 is minimised by Gauss-Newton, the sensitivities of H M being read from the ensemble propagated through the
 model: members x̄ + X^T w + sqrt(N-1) (T X)_n, whose forecast anomalies are "de-conditioned" by T^-1.
-The analysis at t_k is the model run from the updated ensemble at t_{k-1} (not a linearised increment),
-which costs one more forecast; every iteration costs one forecast.
+The analysis at t_k is the model run from the updated ensemble at t_{k-L} (not a linearised increment),
+which costs one more run through the window; every iteration costs one run through the window.
 
 On a linear model one Gauss-Newton step is exact: the IEnKF then equals the ETKF (with the same inflation)
 and stops at its second iteration, whatever max_iter.
@@ -21,9 +25,9 @@ import math
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from danlab.filters.base import Filter, apply_sym, flag_rows, mean_and_anomalies, safe_eigh
+from danlab.filters.base import WindowFilter, apply_sym, flag_rows, mean_and_anomalies, safe_eigh, window_run
 from danlab.filters.ensemble import _inflate, hyperprior
 from danlab.observations import Obs
 from danlab.rng import BatchRNG
@@ -40,14 +44,15 @@ def _rows(value, r: torch.Tensor):
     return value[r.to(value.device)] if isinstance(value, torch.Tensor) else value
 
 
-class IEnKF(Filter):
-    """Iterative EnKF (lag-1 IEnKS), Gauss-Newton in ensemble space, batched over B.
+class IEnKS(WindowFilter):
+    """Iterative EnKS, Gauss-Newton in ensemble space over a window of `lag` cycles (shift 1, SDA or MDA:
+    see `base.WindowFilter`), batched over B.
 
     prior: "infl" uses the Gaussian prior N(0, I) on w, with the multiplicative inflation `infl` of the
-    previous analysis anomalies (the ensemble the window starts from; on a linear model this is the ETKF's
-    inflation of the forecast anomalies); "N" uses the finite-size (EnKF-N) prior, as DAPPER's iEnKS with
-    xN: the weight of |w|^2 becomes zeta = c_N / (eps_N + |w|^2/(N-1)) (the primal EnKF-N, re-evaluated at
-    every iteration from the current w), with the hyperprior of `ensemble.hyperprior` scaled by `xN`
+    prior anomalies at the window start (for the IEnKF the previous analysis; on a linear model this is the
+    ETKF's inflation of the forecast anomalies); "N" uses the finite-size (EnKF-N) prior, as DAPPER's iEnKS
+    with xN: the weight of |w|^2 becomes zeta = c_N / (eps_N + |w|^2/(N-1)) (the primal EnKF-N, re-evaluated
+    at every iteration from the current w), with the hyperprior of `ensemble.hyperprior` scaled by `xN`
     (`infl`, if not 1, is applied too).
 
     Iterations stop, row by row, when the norm of the increment dw (w in units of the prior standard
@@ -57,11 +62,13 @@ class IEnKF(Filter):
     variant: "transform" propagates the ensemble transformed by T (Sakov et al. 2012); "bundle" propagates
     a bundle shrunk by `eps` around the current mean, i.e. finite differences (Bocquet & Sakov 2012).
 
-    The returned forecast E^f is that of the first iteration (the inflated previous analysis propagated).
+    The returned forecast E^f is that of the first iteration (the inflated prior run through the window).
+    On a linear model the SDA IEnKS of any lag (no inflation needed: the prior is the previous analysis run
+    forward) gives the ETKF's filtering analyses.
     """
 
-    method: Literal["ienkf"] = "ienkf"
-    infl: float = Field(1.0, gt=0, description="multiplicative inflation of the previous analysis anomalies")
+    method: Literal["ienks"] = "ienks"
+    infl: float = Field(1.0, gt=0, description="multiplicative inflation of the prior anomalies at the window start")
     prior: Literal["infl", "N"] = Field("infl", description='"infl": Gaussian prior on w; "N": finite-size prior')
     xN: float = Field(1.0, gt=0, description='hyperprior confidence of the "N" prior (as in EnKF_N)')
     max_iter: int = Field(10, ge=1, description="maximum number of Gauss-Newton iterations")
@@ -79,11 +86,14 @@ class IEnKF(Filter):
         eps, c = hyperprior(lam, N, _rows(self.xN, r))
         return c / (eps + (w * w).sum(-1, keepdim=True) / (N - 1))
 
-    def cycle(self, E: torch.Tensor, model, obs: Obs, rng: BatchRNG) -> tuple[torch.Tensor, torch.Tensor]:
-        E = _inflate(E, self.infl)
+    def window_prior(self, E: torch.Tensor) -> torch.Tensor:
+        return _inflate(E, self.infl)
+
+    def window_analysis(self, E: torch.Tensor, model, obs: tuple[Obs, ...], weights: list[float]):
         B, N, _ = E.shape
         x0, X0 = mean_and_anomalies(E)
         a = 1.0 if self.variant == "transform" else self.eps
+        used = [(l, math.sqrt(b)) for l, b in enumerate(weights) if b > 0]  # the observations assimilated
         w = E.new_zeros(B, N)
         T = torch.eye(N, dtype=E.dtype, device=E.device).expand(B, N, N).clone()
         Tinv = T.clone()
@@ -91,17 +101,22 @@ class IEnKF(Filter):
         ok = torch.ones(B, dtype=torch.bool, device=E.device)  # False: a blown-up row, flagged (NaN) at the end
         Ef = None
         for it in range(self.max_iter):
-            xf, Xf = mean_and_anomalies(model(_members(x0[r], X0[r], w[r], a * T[r])))
-            Xf = Xf / a
+            run = window_run(model, _members(x0[r], X0[r], w[r], a * T[r]), len(obs))
             if it == 0:
-                Ef = xf.unsqueeze(-2) + math.sqrt(N - 1) * Xf
-            o = obs if r.numel() == B else obs.select(r)
-            S = Tinv[r] @ (o.H(Xf) / o.sigma)  # de-conditioned observed anomalies
+                xf, Xf = mean_and_anomalies(run[-1])
+                Ef = xf.unsqueeze(-2) + math.sqrt(N - 1) * Xf / a
+            S, d = [], []  # observed anomalies and innovations, normalised and weighted, over the window
+            for l, sb in used:
+                o = obs[l] if r.numel() == B else obs[l].select(r)
+                xl, Xl = mean_and_anomalies(run[l])
+                S.append(o.H(Xl) * (sb / (a * o.sigma)))
+                d.append(o.innovation(xl) * (sb / o.sigma))
+            S = Tinv[r] @ torch.cat(S, -1)  # de-conditioned observed anomalies
             lam, V, ok_r = safe_eigh(S @ S.mT)
             ok[r] = ok[r] & ok_r
             lam = lam.clamp(min=0)
             zeta = self._zeta(lam, w[r], r)
-            grad = S @ (o.innovation(xf) / o.sigma).unsqueeze(-1) - zeta.unsqueeze(-1) * w[r].unsqueeze(-1)
+            grad = S @ torch.cat(d, -1).unsqueeze(-1) - zeta.unsqueeze(-1) * w[r].unsqueeze(-1)
             dw = (apply_sym(V, 1.0 / (lam + zeta)) @ grad).squeeze(-1)  # Gauss-Newton step
             w[r] = w[r] + dw
             T[r] = apply_sym(V, (lam + zeta).rsqrt())
@@ -109,4 +124,17 @@ class IEnKF(Filter):
             r = r[dw.norm(dim=-1) >= self.tol]  # a non-finite step (a blown-up row) leaves too
             if r.numel() == 0:
                 break
-        return Ef, flag_rows(ok, model(_members(x0, X0, w, T)))
+        E0a = flag_rows(ok, _members(x0, X0, w, T))
+        return Ef, E0a, window_run(model, E0a, len(obs))
+
+
+class IEnKF(IEnKS):
+    """Iterative EnKF: the IEnKS with a window of one cycle (lag 1), whose prior is the previous analysis."""
+
+    method: Literal["ienkf"] = "ienkf"
+
+    @model_validator(mode="after")
+    def _lag_one(self):
+        if self.lag != 1:
+            raise ValueError(f"the IEnKF is the IEnKS of lag 1 (got lag={self.lag}): use method ienks")
+        return self
