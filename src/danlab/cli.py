@@ -43,6 +43,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         line += f" at {s['best']}"
     if "spread" in s and math.isfinite(s["spread"]):
         line += f", spread {s['spread']:.4f}"
+    if s.get("armse_s") is not None and math.isfinite(s["armse_s"]):
+        line += f", smoothed {s['armse_s']:.4f} ± {s['armse_s_ci']:.4f}"
     n_div = s.get("n_diverged")
     line += f", {s['cycles_per_s']:.0f} cycles/s" + (
         "" if not s.get("diverged") else f", {n_div} of {s['experiments']} experiments DIVERGED"

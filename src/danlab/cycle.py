@@ -47,11 +47,13 @@ class CycleResult:
         k0 = self.burn_in
         per = [mean_with_ci(self.rmse_a[b, k0:]) for b in ok]
         armse, ci = combine_ci([p[0] for p in per], [p[1] for p in per])
-        smoothing = {}
+        smoother = {}
         if self.rmse_s is not None:  # scored over the cycles smoothed (the last `lag` cycles are not)
             per = [mean_with_ci(s[np.isfinite(s)]) for s in (self.rmse_s[b, k0:] for b in ok)]
             armse_s, ci_s = combine_ci([p[0] for p in per], [p[1] for p in per])
-            smoothing = {"armse_s": armse_s, "armse_s_ci": ci_s}
+            smoother = {"armse_s": armse_s, "armse_s_ci": ci_s}
+        if "unconverged" in self.extra:  # analyses whose iterations stopped at their maximum, all cycles
+            smoother["unconverged"] = int(self.extra["unconverged"][rows].sum())
         return {
             "armse": armse,
             "armse_ci": ci,
@@ -60,7 +62,7 @@ class CycleResult:
             "experiments": int(rows.size),
             "n_diverged": int(self.diverged[rows].sum()),
             "diverged": bool(self.diverged[rows].any()),
-            **smoothing,
+            **smoother,
         }
 
 
@@ -119,5 +121,8 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
     s = stats.numpy().transpose(0, 2, 1)
     dv = diverged.numpy()
     s[:, dv, :] = np.where(np.arange(cycles) >= diverged_at.numpy()[dv, None], np.nan, s[:, dv, :])
+    unconverged = getattr(carry, "unconverged", None)
+    extra = {} if unconverged is None else {"unconverged": unconverged.cpu().numpy()}
     return CycleResult(rmse_f=s[0], rmse_a=s[1], spread_f=s[2], spread_a=s[3], diverged=dv,
-                       diverged_at=diverged_at.numpy(), burn_in=burn_in, wall_s=wall, rmse_s=s[4] if lag else None)
+                       diverged_at=diverged_at.numpy(), burn_in=burn_in, wall_s=wall, extra=extra,
+                       rmse_s=s[4] if lag else None)

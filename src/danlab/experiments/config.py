@@ -9,11 +9,11 @@ from pydantic import Field, model_validator
 
 from danlab.config import ModelConfig, ObsConfig, Strict
 from danlab.filters.ensemble import EnKF, EnKF_N, ETKF
-from danlab.filters.iterative import IEnKF
-from danlab.filters.variational import Var3D
+from danlab.filters.iterative import IEnKF, IEnKS
+from danlab.filters.variational import Var3D, Var4D
 from danlab.learned import Learned
 
-FilterConfig = Annotated[Union[EnKF, ETKF, EnKF_N, IEnKF, Var3D, Learned], Field(discriminator="method")]
+FilterConfig = Annotated[Union[EnKF, ETKF, EnKF_N, IEnKF, IEnKS, Var3D, Var4D, Learned], Field(discriminator="method")]
 
 
 class RunConfig(Strict):
@@ -38,6 +38,10 @@ class RunConfig(Strict):
         if self.burn_in >= self.cycles:
             raise ValueError(f"burn_in must be < cycles (got burn_in={self.burn_in}, cycles={self.cycles})")
         self.observations.build(self.model.Nx)  # raises on sites/counts outside the grid
+        lag = getattr(self.filter, "lag", 1)
+        if lag > self.cycles - self.burn_in - 1:  # else no smoothed cycle would be scored
+            raise ValueError(f"filter.lag must be < cycles - burn_in = {self.cycles - self.burn_in} "
+                             f"(a window of {lag} cycles is longer than the scored run)")
         return self
 
     @property

@@ -40,7 +40,10 @@ def simulate(cfg: RunConfig, filt=None, rows_per_experiment: int = 1, progress: 
     set_threads(cfg.threads or default_threads(cfg, rows_per_experiment))
     model = cfg.model.build()
     observer = cfg.observations.build(cfg.model.Nx)
-    filt = (filt or cfg.filter).prepare(model, observer, cfg.torch_dtype, cfg.device)
+    try:  # what the config cannot see: e.g. a 4D-Var on a model that autograd cannot differentiate
+        filt = (filt or cfg.filter).prepare(model, observer, cfg.torch_dtype, cfg.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     ids = [b for _ in range(rows_per_experiment) for b in range(cfg.batch)]
     twin = TwinStream(model, observer, len(ids), cfg.seed, ids=ids, dtype=cfg.torch_dtype, device=cfg.device)
     return run_cycles(filt, model, twin, cfg.cycles, cfg.burn_in, cfg.seed, ids=ids, init_std=cfg.init_std,
@@ -64,6 +67,13 @@ def stats_dataset(res: CycleResult, cfg: RunConfig) -> xr.Dataset:
         coords={"experiment": np.arange(res.B), "cycle": np.arange(1, res.cycles + 1)},
         attrs={"method": cfg.filter.method, "burn_in": cfg.burn_in, "config": to_yaml(cfg)})
     ds["rmse_a"].attrs["long_name"] = "spatial RMSE of the analysis mean against the truth"
+    if "unconverged" in res.extra:
+        ds["unconverged"] = ("experiment", res.extra["unconverged"])
+        ds["unconverged"].attrs["long_name"] = "analyses whose iterations stopped at max_iter unconverged"
+    if res.rmse_s is not None:
+        ds["rmse_s"] = (dims, res.rmse_s)
+        ds["rmse_s"].attrs["long_name"] = (f"spatial RMSE of the smoothed mean (lag {cfg.filter.lag}: after the "
+                                           "observations up to lag cycles later) against the truth")
     ds["rmse_f"].attrs["long_name"] = "spatial RMSE of the forecast mean against the truth"
     ds["spread_a"].attrs["long_name"] = "sqrt of the site-mean analysis ensemble variance"
     return ds
@@ -197,7 +207,8 @@ def tune(cfg: RunConfig, grids: list[tuple[str, list]], out: str | Path | None, 
                "best": {n: best[n] for n in names} if best else None,
                "armse": best["armse"] if best else float("nan"), "armse_ci": best["armse_ci"] if best else float("nan"),
                "spread": best["spread"] if best else float("nan"), "cycles": cfg.cycles, "diverged": best is None,
-               "cycles_per_s": sum(p["cycles"] for p in points) / wall, "wall_s": wall}
+               "cycles_per_s": sum(p["cycles"] for p in points) / wall, "wall_s": wall,
+               **({k: best[k] for k in ("armse_s", "armse_s_ci")} if best and "armse_s" in best else {})}
     if out is not None:
         _write_tune(cfg, grids, points, summary, Path(out))
     return summary | {"table": points}
@@ -220,7 +231,8 @@ def _write_tune(cfg, grids, points, summary, out: Path) -> None:
     df = pd.DataFrame(points)
     atomic_write_text(out / "tune.csv", df.to_csv(index=False))
     names = [n for n, _ in grids]
-    ds = df.set_index(names)[["armse", "armse_ci", "spread", "n_diverged"]].to_xarray()
+    ds = df.set_index(names)[["armse", "armse_ci", "spread", "n_diverged"]
+                             + [c for c in ("armse_s", "armse_s_ci") if c in df]].to_xarray()
     write_netcdf(ds, out / "tune.nc")
     summary["out"] = str(out)
     write_json(out / "summary.json", summary)

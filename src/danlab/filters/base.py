@@ -150,6 +150,7 @@ class Window:
 
     E: torch.Tensor
     obs: tuple[Obs, ...] = ()
+    unconverged: torch.Tensor | None = None  # (B,) analyses whose iterations had not converged, so far
 
 
 class WindowFilter(Filter):
@@ -180,7 +181,7 @@ class WindowFilter(Filter):
         return Window(E)
 
     def restart(self, carry: Window, bad: torch.Tensor, x: torch.Tensor) -> Window:
-        return Window(super().restart(carry.E, bad, x), carry.obs)
+        return Window(super().restart(carry.E, bad, x), carry.obs, carry.unconverged)
 
     def cycle(self, E: torch.Tensor, model, obs: Obs, rng: BatchRNG) -> tuple[torch.Tensor, torch.Tensor]:
         if self.lag != 1:
@@ -193,12 +194,13 @@ class WindowFilter(Filter):
         n, L = len(seq), self.lag
         E0 = self.window_prior(carry.E)
         weights = [1.0 / L] * n if self.mda else [0.0] * (n - 1) + [1.0]
-        Ef, E0a, run = self.window_analysis(E0, model, seq, weights)
+        Ef, E0a, run, converged = self.window_analysis(E0, model, seq, weights)
+        unconverged = (0 if carry.unconverged is None else carry.unconverged) + (~converged).long()
         Ea, Es = run[-1], E0a
         if self.mda and L > 1:
-            _, Es, balanced = self.window_analysis(E0, model, seq, [(L - n + l) / L for l in range(1, n + 1)])
-            Ea = balanced[-1]
-        nxt = Window(run[0], seq[1:]) if n == L else Window(E0a, seq)
+            _, Es, balanced, converged = self.window_analysis(E0, model, seq, [(L - n + l) / L for l in range(1, n + 1)])
+            Ea, unconverged = balanced[-1], unconverged + (~converged).long()
+        nxt = Window(run[0], seq[1:], unconverged) if n == L else Window(E0a, seq, unconverged)
         return nxt, Ef, Ea, (Es if n == L else None), n
 
     def window_prior(self, E: torch.Tensor) -> torch.Tensor:
@@ -208,7 +210,7 @@ class WindowFilter(Filter):
     def window_analysis(self, E0: torch.Tensor, model, obs: tuple[Obs, ...], weights: list[float]):
         """Analysis of one window from the prior E0 at its start: (E^f at its end from the first
         iteration, the analysed ensemble at its start, the list of that ensemble run by the model to
-        each observation time of the window)."""
+        each observation time of the window, (B,) False where the iterations stopped unconverged)."""
         raise NotImplementedError
 
 

@@ -30,7 +30,6 @@ from pydantic import Field, model_validator
 from danlab.filters.base import WindowFilter, apply_sym, flag_rows, mean_and_anomalies, safe_eigh, window_run
 from danlab.filters.ensemble import _inflate, hyperprior
 from danlab.observations import Obs
-from danlab.rng import BatchRNG
 
 
 def _members(x0: torch.Tensor, X0: torch.Tensor, w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
@@ -124,8 +123,10 @@ class IEnKS(WindowFilter):
             r = r[dw.norm(dim=-1) >= self.tol]  # a non-finite step (a blown-up row) leaves too
             if r.numel() == 0:
                 break
+        converged = torch.ones(B, dtype=torch.bool, device=E.device)
+        converged[r] = False  # still iterating after max_iter
         E0a = flag_rows(ok, _members(x0, X0, w, T))
-        return Ef, E0a, window_run(model, E0a, len(obs))
+        return Ef, E0a, window_run(model, E0a, len(obs)), converged
 
 
 class IEnKF(IEnKS):
