@@ -286,10 +286,10 @@ def test_l96_stochastic_enkf_accuracy():
 
 
 def test_enkf_tends_to_kalman_filter():
-    """With 2000 members the stochastic EnKF's mean stays within 0.15 KF posterior std of the Kalman filter
-    (sampling error ~ 1/sqrt(N); measured 0.084, and 0.40 with 200 members); half the gain gives 1.5."""
-    dm, dP = run_against_kalman(EnKF(N=2000), 2000)
-    assert dm < 0.15 and dP < 0.12
+    """With 600 members the stochastic EnKF's mean stays within 0.3 KF posterior std of the Kalman filter
+    (sampling error ~ 1/sqrt(N); measured 0.14, 0.21 with 400 members, 0.084 with 2000); half the gain: 1.5."""
+    dm, dP = run_against_kalman(EnKF(N=600), 600)
+    assert dm < 0.3 and dP < 0.2  # measured 0.14, 0.08
 
 
 def test_l96_etkf_accuracy():
