@@ -70,3 +70,25 @@ def test_transfer_runs_the_same_weights_at_other_sizes(tmp_path, monkeypatch):
     md = (tmp_path / "out" / "transfer.md").read_text()
     r = df.iloc[1]
     assert f"| 80 | {r.learned_armse:.3f} ± {r.learned_ci:.3f} | {r.enkf_n_armse:.3f} ± {r.enkf_n_ci:.3f} |" in md
+
+
+def test_window_comparison_rows_and_files(tmp_path):
+    """Every point is the same code's run of its config (the IEnKS row equals a direct run of ienks.yaml with
+    that lag and Δt), 4D-Var is tuned at each lag, the EnKF and the learned a_θ (Δt 0.05 only) have no window,
+    and the files say the same."""
+    b = rp.WindowBudget(cycles=40, burn_in=10, batch=1, tune_cycles=30, lags=(1, 2), var4d_scales=(0.02, 0.05))
+    df = rp.reproduce_window(tmp_path / "out", True, threads=1, progress=False, budget=b)
+    assert len(df) == 2 * (1 + 2 * 2) + 1
+    ienks = df[(df["method"] == "IEnKS, N 20") & (df["lag"] == 2) & (df["dt"] == 0.2)].iloc[0]
+    direct = run_experiment(load_config(RunConfig, rp.CONFIGS / "ienks.yaml", [
+        "threads=1", "model.steps=4", "filter.N=20", "filter.lag=2", "cycles=40", "burn_in=10", "batch=1", "seed=0"]), None)
+    assert ienks["armse"] == direct["armse"] and ienks["armse_s"] == direct["armse_s"]
+    var4d = df[df["method"] == "4D-Var"]
+    assert var4d["tuned"].str.startswith("scale=").all() and var4d["armse_s"].notna().all()
+    assert (df[df["method"].isin(["EnKF (ETKF), N 20", "learned a_θ"])]["lag"] == 0).all()
+    assert list(df[df["method"] == "learned a_θ"]["dt"]) == [0.05]
+    for f in ("window.md", "window.csv", "window.png", "summary.json"):
+        assert (tmp_path / "out" / f).is_file()
+    md = (tmp_path / "out" / "window.md").read_text()
+    assert f"| 0.2 | IEnKS, N 20 | 2 | {ienks.armse:.3f} ± {ienks.armse_ci:.3f} | {ienks.armse_s:.3f} | — |" in md
+    assert "nan" not in md

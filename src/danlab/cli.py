@@ -143,6 +143,9 @@ def cmd_reproduce(a) -> int:
     if a.what == "table":
         rp.reproduce_table(a.quick, out, threads=a.threads)
         print((out / "table.md").read_text())
+    elif a.what == "window":
+        rp.reproduce_window(out, a.quick, weights=a.weights, threads=a.threads)
+        print((out / "window.md").read_text())
     else:
         rp.reproduce_transfer(out, a.quick, weights=a.weights, threads=a.threads)
         print((out / "transfer.md").read_text())
@@ -256,12 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_export)
 
-    sp = sub.add_parser("reproduce", help="reproduce the reference results (table, transfer)")
-    sp.add_argument("what", choices=["table", "transfer"])
+    sp = sub.add_parser("reproduce", help="reproduce the reference results (table, transfer, window)")
+    sp.add_argument("what", choices=["table", "transfer", "window"])
     sp.add_argument("--quick", action="store_true", help="fewer cycles (table: < 10 min on 2 cores)")
     sp.add_argument("--out", help="run folder (default: runs/reproduce-<what>-<time>)")
     sp.add_argument("--threads", type=POSITIVE, help="CPU threads for PyTorch")
-    sp.add_argument("--weights", default="l96_nf40_ne1", help="transfer: the weights (folder under weights/ or a path)")
+    sp.add_argument("--weights", default="l96_nf40_ne1", help="transfer, window: the weights (folder under weights/ or a path)")
     sp.set_defaults(fn=cmd_reproduce)
 
     sp = sub.add_parser("config", help="list the config keys: type, default and description of each")
