@@ -469,3 +469,15 @@ def test_sweep_workers_times_threads_within_the_cores(monkeypatch, tmp_path, cap
     with pytest.raises(Stop):  # an existing cluster is not ours to pin
         sweep.run_sweep(ROOT / "configs/sweeps/example_tiny.yaml", out=tmp_path, scheduler="synchronous", workers=2, threads=4)
     assert seen["threads"] == 4
+
+
+def test_the_shipped_weights_still_score_about_0_20():
+    """weights/l96_nf40_ne1 as a filter over a short held-out run (4 experiments × 600 scored cycles, seed 3):
+    0.2007 ± 0.007 measured, 0.1994 ± 0.0013 over the reference 8 × 10,000. A change to the network code, the
+    model, the observations or the evaluation path that loses accuracy shows here."""
+    from danlab.experiments.config import learned_eval_data
+    w = ROOT / "weights" / "l96_nf40_ne1"
+    _, meta = load_net(w)
+    data = learned_eval_data(meta["trained_with"], w, seed=3, cycles=700, burn_in=100, batch=4)
+    s = run_experiment(load_config(RunConfig, data=data | {"threads": 1}), None)
+    assert s["n_diverged"] == 0 and 0.185 <= s["armse"] <= 0.215, s["armse"]
