@@ -104,7 +104,9 @@ def test_export_never_half_writes(tmp_path, monkeypatch):
         export(w, dest, cycles=40, burn_in=5, batch=1)
     with pytest.raises(RuntimeError, match="killed"):
         export(w, tmp_path / "fresh", cycles=40, burn_in=5, batch=1)
-    assert digest(dest) == before and not (tmp_path / "fresh").exists()
+    with pytest.raises(RuntimeError, match="killed"):
+        export(w, tmp_path / "new" / "deeper" / "x", cycles=40, burn_in=5, batch=1)
+    assert digest(dest) == before and not (tmp_path / "fresh").exists() and not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "w"]  # no temporary folder left behind
 
 

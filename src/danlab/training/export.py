@@ -63,14 +63,23 @@ def export(run_dir: str | Path, dest: str | Path, cycles: int = 10_000, burn_in:
     # the evaluation config, validated before anything is written (e.g. --cycles 0 is refused here)
     eval_cfg = load_config(RunConfig, data=learned_eval_data(trained, tmp, seed=seed, cycles=cycles, burn_in=burn_in,
                                                              batch=batch))
+    created = [d for d in [dest.parent, *dest.parent.parents] if not d.exists()]  # removed again on failure
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    ok = False
     try:
         prov = _export_into(tmp, dest, run_dir, src, meta, eval_cfg, cycles, burn_in, batch, seed)
         _install(tmp, dest, meta["tensors"])
+        ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not ok:
+            for d in created:  # innermost first
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
     return prov
 
 
