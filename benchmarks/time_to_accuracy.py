@@ -83,10 +83,11 @@ def read_run(run_dir: Path) -> dict:
             "curve": [{"step": s, "h": round(w / 3600, 3), "val": v} for s, w, v in val]}
 
 
-def row_for(name: str, run_dir: Path, overrides: list[str], note: str, load: dict | None) -> dict:
+def row_for(name: str, run_dir: Path, overrides: list[str], note: str, load: dict | None, here: bool = True) -> dict:
     cfg = load_config(TrainRunConfig, run_dir / "config.yaml", [])
     return {"name": name, "config": cfg.model_dump(mode="json"), "overrides": overrides, "run_dir": str(run_dir),
-            **read_run(run_dir), "machine": machine(), "code_version": code_version(), "load": load, "note": note,
+            **read_run(run_dir), "machine": machine() if here else None, "code_version": code_version(), "load": load,
+            "note": note,
             "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command_line()}
 
 
@@ -101,7 +102,8 @@ def write(new_rows: list[dict]) -> None:
         ["recipe", *[f"h to {t}" for t in THRESHOLDS], "final val", "best val", "steps", "sample-cycles/s", "machine, load", "note"],
         [[r["name"], *[fmt(r["hours_to"].get(t)) for t in THRESHOLDS], f"{r['final_val_armse']:.4f}",
           f"{r['best_val_armse']:.4f}", r["steps"], r["sample_cycles_per_s"],
-          f"{r['machine']['cpu']} ({', '.join(r['machine']['vector_flags'])}), threads {r['config']['train']['threads']}, "
+          (f"{r['machine']['cpu']} ({', '.join(r['machine']['vector_flags'])}), " if r.get("machine") else "machine not recorded, ")
+          + f"threads {r['config']['train']['threads']}, "
           + ("load " + ", ".join(f"{k} {v}" for k, v in r["load"].items()) if r.get("load") else "load not recorded"),
           r.get("note", "")] for r in recipes])
     text = ("# Time to accuracy of the training recipes (L96 standard, a_θ N_f 40, Ne 1)\n\n"
@@ -122,6 +124,8 @@ def main() -> None:
     ap.add_argument("--from-run", help="enter an existing run folder instead of training")
     ap.add_argument("--name", help="row name for --from-run")
     ap.add_argument("--note", default="")
+    ap.add_argument("--trained-here", action="store_true", help="--from-run: the run was trained on this machine")
+    ap.add_argument("--load", help="--from-run: how loaded the machine was, e.g. 'loadavg ~6 on 2 cores'")
     ap.add_argument("--list", action="store_true")
     a = ap.parse_args()
     if a.list:
@@ -129,7 +133,8 @@ def main() -> None:
             print(f"{k}: {c} {' '.join('--set ' + x for x in o)}")
         return
     if a.from_run:
-        write([row_for(a.name or Path(a.from_run).name, Path(a.from_run), [], a.note, None)])
+        write([row_for(a.name or Path(a.from_run).name, Path(a.from_run), [], a.note,
+                       {"reported": a.load} if a.load else None, here=a.trained_here)])
         return
     rows = []
     for name in a.recipe:

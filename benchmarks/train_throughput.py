@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--N-iter", type=int, default=10)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-bf16", action="store_true", help="skip bf16 (8x slower than fp32 where the CPU has no bf16 units)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -128,6 +129,7 @@ def main() -> None:
     variants = [("fp32 eager", False, False), ("bf16 autocast", True, False)]
     if not a.no_compile:
         variants += [("fp32 torch.compile", False, True), ("bf16 + compile", True, True)]
+    variants = [v for v in variants if not (a.no_bf16 and v[1])]
     for name, bf16, comp in variants:
         try:
             bare = bare_loop(a.Nt, a.N_iter, a.steps, bf16, comp)
