@@ -64,11 +64,12 @@ def machine() -> dict:
     return {"cpu": model, "cores": os.cpu_count(), "vector_flags": vec, "torch": torch.__version__}
 
 
-def read_run(run_dir: Path) -> dict:
-    """Hours to each validation threshold, final and best validation, steps and throughput, from a run folder."""
+def read_run(run_dir: Path, column: str = "val_armse") -> dict:
+    """Hours to each validation threshold, final and best validation, steps and throughput, from a run folder.
+    column: val_armse (the kept network: the weight average when there is one) or val_raw_armse (the raw weights)."""
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     cfg = load_config(TrainRunConfig, run_dir / "config.yaml", [])
-    val = [(int(r["step"]), float(r["wall_s"]), float(r["val_armse"])) for r in rows if r.get("val_armse")]
+    val = [(int(r["step"]), float(r["wall_s"]), float(r[column])) for r in rows if r.get(column)]
     if not val:
         raise SystemExit(f"{run_dir}: no validation in metrics.csv yet")
     hours_to = {}
@@ -83,10 +84,11 @@ def read_run(run_dir: Path) -> dict:
             "curve": [{"step": s, "h": round(w / 3600, 3), "val": v} for s, w, v in val]}
 
 
-def row_for(name: str, run_dir: Path, overrides: list[str], note: str, load: dict | None, here: bool = True) -> dict:
+def row_for(name: str, run_dir: Path, overrides: list[str], note: str, load: dict | None, here: bool = True,
+            column: str = "val_armse") -> dict:
     cfg = load_config(TrainRunConfig, run_dir / "config.yaml", [])
     return {"name": name, "config": cfg.model_dump(mode="json"), "overrides": overrides, "run_dir": str(run_dir),
-            **read_run(run_dir), "machine": machine() if here else None, "code_version": code_version(), "load": load,
+            **read_run(run_dir, column), "validated": column, "machine": machine() if here else None, "code_version": code_version(), "load": load,
             "note": note,
             "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command_line()}
 
@@ -100,7 +102,7 @@ def write(new_rows: list[dict]) -> None:
     fmt = lambda h: "—" if h is None else f"{h:.2f}"
     table = markdown_table(
         ["recipe", *[f"h to {t}" for t in THRESHOLDS], "final val", "best val", "steps", "sample-cycles/s", "machine, load", "note"],
-        [[r["name"], *[fmt(r["hours_to"].get(t)) for t in THRESHOLDS], f"{r['final_val_armse']:.4f}",
+        [[r["name"] + (" (raw weights validated)" if r.get("validated") == "val_raw_armse" else ""), *[fmt(r["hours_to"].get(t)) for t in THRESHOLDS], f"{r['final_val_armse']:.4f}",
           f"{r['best_val_armse']:.4f}", r["steps"], r["sample_cycles_per_s"],
           (f"{r['machine']['cpu']} ({', '.join(r['machine']['vector_flags'])}), " if r.get("machine") else "machine not recorded, ")
           + f"threads {r['config']['train']['threads']}, "
@@ -125,6 +127,8 @@ def main() -> None:
     ap.add_argument("--name", help="row name for --from-run")
     ap.add_argument("--note", default="")
     ap.add_argument("--trained-here", action="store_true", help="--from-run: the run was trained on this machine")
+    ap.add_argument("--column", default="val_armse", choices=["val_armse", "val_raw_armse"],
+                    help="--from-run: score the kept (averaged) network or the raw weights")
     ap.add_argument("--load", help="--from-run: how loaded the machine was, e.g. 'loadavg ~6 on 2 cores'")
     ap.add_argument("--list", action="store_true")
     a = ap.parse_args()
@@ -134,7 +138,7 @@ def main() -> None:
         return
     if a.from_run:
         write([row_for(a.name or Path(a.from_run).name, Path(a.from_run), [], a.note,
-                       {"reported": a.load} if a.load else None, here=a.trained_here)])
+                       {"reported": a.load} if a.load else None, here=a.trained_here, column=a.column)])
         return
     rows = []
     for name in a.recipe:
