@@ -31,7 +31,7 @@ from danlab.experiments.runner import run_experiment, tune_on_seed  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "configs" / "l96"
 
-VAR4D_SCALES = "0.01,0.015,0.02,0.03,0.05,0.08"
+VAR4D_SCALES = "0.003,0.005,0.0075,0.01,0.015,0.02,0.04"
 
 # name, config file, overrides, tuning grid (None: no tuning), target from the issue / literature
 METHODS = [

@@ -188,9 +188,9 @@ class WindowBudget:
 
 
 WINDOW_QUICK = WindowBudget(cycles=600, burn_in=150, batch=1, tune_cycles=300, lags=(1, 3, 6),
-                            var4d_scales=(0.01, 0.03, 0.1))
+                            var4d_scales=(0.004, 0.01, 0.03, 0.1))
 WINDOW_FULL = WindowBudget(cycles=3_000, burn_in=500, batch=2, tune_cycles=1_000, lags=(1, 2, 4, 8, 12, 20),
-                           var4d_scales=(0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3))
+                           var4d_scales=(0.002, 0.004, 0.007, 0.01, 0.02, 0.04, 0.1, 0.2))
 WINDOW_DTS = (0.05, 0.2)  # time between observations; the RK4 step stays 0.05 (DAPPER's setup)
 ENKF_GRID = "infl=1.00,1.02,1.04,1.07,1.10,1.15,1.25,1.40"
 
