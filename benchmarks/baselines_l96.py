@@ -108,8 +108,9 @@ def main() -> None:
             f"aRMSE: mean over {exps} experiments of the time mean of the analysis RMSE over {cycles - burn} cycles after "
             f"{burn} cycles of burn-in; the 95% interval is corrected for autocorrelation. Hyperparameters tuned on "
             f"seed 1 ({tune_exps} experiments × {tune_cycles} cycles), scored on seed 0. Smoothed aRMSE: a smoother's "
-            f"(IEnKS, 4D-Var) estimate at the start of its window of L cycles, given the observations up to its end.\n\n"
-            + table)
+            f"(IEnKS, 4D-Var) estimate at the start of its window of L cycles, given the observations up to its end."
+            + (f" Only the rows matching `{a.only}` come from this command; the others are kept from earlier runs of "
+               "this script (see the git history of this file)." if a.only else "") + "\n\n" + table)
     (out / f"{stem}.md").write_text(text)
     print(text)
 
