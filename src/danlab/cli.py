@@ -87,10 +87,6 @@ def cmd_train(a) -> int:
             raise ConfigError("train: give a CONFIG.yaml, or --resume RUN_DIR")
         cfg = load_config(TrainRunConfig, a.config, a.set)
         run_dir = Path(a.out) if a.out else _default_out("train")
-    try:  # what the config classes cannot see: the network's kernel must fit in the state
-        cfg.net.check_size(cfg.model.Nx)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     check_output_dir(run_dir, "--resume" if a.resume else "--out")
     from danlab.resources import check_train_memory
     check_train_memory(cfg)

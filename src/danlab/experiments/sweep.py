@@ -317,10 +317,6 @@ def _expand(s: Sweep, root: Path, threads: int) -> tuple[list[Point], list[Train
                         _set_key(tdata, k, v)
                 _set_key(tdata, "train.threads", threads)
                 tcfg = validate(TrainRunConfig, tdata)
-                try:
-                    tcfg.net.check_size(tcfg.model.Nx)
-                except ValueError as exc:
-                    raise ConfigError(str(exc)) from None
                 tdump = _dump(tcfg)
                 thash = _short_hash(_strip(tdump, "train.threads"))
                 t = trainings.setdefault(thash, Training(thash, root / f"train-{thash}", tdump))

@@ -71,4 +71,5 @@ class TrainRunConfig(Strict):
     @model_validator(mode="after")
     def _check(self):
         self.observations.build(self.model.Nx)
+        self.net.check_size(self.model.Nx)  # the network's kernel must fit in the state
         return self

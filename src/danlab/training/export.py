@@ -21,22 +21,7 @@ from danlab.experiments.runner import run_experiment
 from danlab.io import atomic_write_text, check_output_dir, code_version, write_json
 from danlab.learned import load_net, resolve_net_dir
 from danlab.training.checkpoint import CheckpointError
-
-
-def plot_curve(metrics: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    v = metrics.dropna(subset=["val_armse"])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(v["wall_s"] / 60, v["val_armse"], marker="o", ms=2)
-    ax.set_xlabel("training wall-clock time (min)")
-    ax.set_ylabel("validation aRMSE")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+from danlab.training.trainer import plot_curve
 
 
 def export(run_dir: str | Path, dest: str | Path, cycles: int = 10_000, burn_in: int = 500, batch: int = 8,

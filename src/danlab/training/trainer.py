@@ -87,6 +87,29 @@ def lr_at(step: int, tc) -> float:
     return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+def plot_curve(metrics, path: Path, title: str) -> None:
+    """Validation aRMSE against training wall-clock time (metrics: the run's metrics.csv as a DataFrame), written
+    atomically as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    v = metrics.dropna(subset=["val_armse"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(v["wall_s"] / 60, v["val_armse"], marker="o", ms=2, label="validated network")
+    if "val_raw_armse" in v and v["val_raw_armse"].notna().any():
+        ax.plot(v["wall_s"] / 60, v["val_raw_armse"], lw=0.8, alpha=0.6, label="raw weights")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("training wall-clock time (min)")
+    ax.set_ylabel("validation aRMSE")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def validate(cfg: TrainRunConfig, net, cycles: int | None = None) -> tuple[float, float]:
     """aRMSE ± CI of the network as a filter on the held-out validation trajectories."""
     tc = cfg.train
@@ -415,6 +438,10 @@ class Trainer:
                 bar.set_postfix_str(f"val {va:.3f}", refresh=False)
             if row:
                 self.log(row)
+                if "val_armse" in row:  # the curve so far, beside the metrics
+                    import pandas as pd
+                    plot_curve(pd.read_csv(self.dir / "metrics.csv"), self.dir / "curve.png",
+                               f"{self.dir.name}: validation aRMSE during training")
             bar.update(1)
             if loss_ema is not None and rmse_ema is not None:
                 bar.set_postfix_str(f"loss {loss_ema:.4f} rmse {rmse_ema:.3f} best {self.best:.3f}", refresh=False)
