@@ -112,7 +112,34 @@ def write(new_rows: list[dict]) -> None:
             "Wall-clock hours from scratch until the validation aRMSE (8 held-out trajectories × 1000 cycles, 200 of "
             "burn-in; validation time included) first reaches each threshold; — not reached within the run. Each "
             "row's command is in time_to_accuracy.json (`command`), with its full config, curve and machine.\n\n" + table)
-    atomic_write_text(OUT.with_suffix(".md"), text)
+    atomic_write_text(OUT.with_suffix(".md"), text + "\n![validation aRMSE against wall-clock](time_to_accuracy.png)\n")
+    plot(recipes)
+
+
+def plot(recipes: list[dict]) -> None:
+    """Validation aRMSE against wall-clock hours, one line per recipe, the targets drawn in."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for r in recipes:
+        c = r["curve"]
+        ax.plot([p["h"] for p in c], [p["val"] for p in c], marker="o", ms=2.5, lw=1, label=r["name"])
+    for t, lab in ((0.20, "0.20"), (0.191, "paper 0.191")):
+        ax.axhline(t, color="k", lw=0.6, ls="--")
+        ax.text(0.01, t, lab, fontsize=7, va="bottom", transform=ax.get_yaxis_transform())
+    ax.set_xscale("log")
+    ax.set_ylim(0.18, 0.46)
+    ax.set_xlabel("training wall-clock (hours, validation included; log scale)")
+    ax.set_ylabel("validation aRMSE (8 × 1000 cycles)")
+    ax.set_title("Time to accuracy, a_θ N_f 40 on L96 (python benchmarks/time_to_accuracy.py)", fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = OUT.with_name(".time_to_accuracy.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(OUT.with_suffix(".png"))
 
 
 def main() -> None:
