@@ -187,7 +187,7 @@ class WindowBudget:
     var4d_scales: tuple[float, ...]
 
 
-WINDOW_QUICK = WindowBudget(cycles=600, burn_in=150, batch=1, tune_cycles=300, lags=(1, 3, 6),
+WINDOW_QUICK = WindowBudget(cycles=600, burn_in=150, batch=1, tune_cycles=300, lags=(1, 2, 4),
                             var4d_scales=(0.004, 0.01, 0.03, 0.1))
 WINDOW_FULL = WindowBudget(cycles=3_000, burn_in=500, batch=2, tune_cycles=1_000, lags=(1, 2, 4, 8, 12, 20),
                            var4d_scales=(0.002, 0.004, 0.007, 0.01, 0.02, 0.04, 0.1, 0.2))
