@@ -221,8 +221,10 @@ def test_var4d_batched_equals_one_at_a_time():
 
 @pytest.mark.slow
 def test_l96_var4d_accuracy():
-    """Static B tuned for 3D-Var (0.0175): 4D-Var of lag 1 near 3D-Var's 0.41, a longer window better."""
-    s1 = _l96(Var4D(lag=1), 700)
-    s4 = _l96(Var4D(lag=4, scale=0.02), 700)
-    assert 0.3 < s1["armse"] < 0.45
-    assert s4["armse"] < s1["armse"] - 0.03
+    """B scale 0.01 (tuned at lag 1: 0.336 over 2 x 2000 cycles): 4D-Var of lag 1 near 3D-Var's 0.41 (below it:
+    the window brings the flow into B), lag 3 better (measured 0.317 against 0.337 on one 450-cycle run)."""
+    s1 = _l96(Var4D(lag=1, scale=0.01), 700)
+    s3 = _l96(Var4D(lag=3, scale=0.01), 700)
+    assert 0.3 < s1["armse"] < 0.42
+    assert s3["armse"] < s1["armse"] and s3["armse_s"] < s3["armse"]
+    assert s1["unconverged"] == s3["unconverged"] == 0
