@@ -41,13 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "time_to_accuracy"
 THRESHOLDS = ("0.30", "0.25", "0.22", "0.20", "0.195", "0.191")
 BASE = "configs/l96/dan_nf40.yaml"
-# Named recipes: a config and overrides. Each lever is one row, changed one at a time from "reference".
+# Named recipes: the default config, and one lever at a time taken away from it (or added to it).
 RECIPES = {
-    "reference": (BASE, ["train.bf16=false", "train.lr_head=1.0", "train.ema=0", "train.teacher_weight=0"]),
-    "head-ema": (BASE, ["train.bf16=false", "train.lr_head=0.1", "train.ema=0.999", "train.teacher_weight=0"]),
-    "teacher": (BASE, ["train.bf16=false", "train.lr_head=0.1", "train.ema=0.999", "train.teacher_weight=1.0"]),
+    "default": (BASE, []),
+    "no-distill": (BASE, ["train.distill_steps=0"]),
+    "truth-target": (BASE, ["train.distill_steps=0", "train.teacher_weight=0"]),
+    "old-default": (BASE, ["train.distill_steps=0", "train.teacher_weight=0", "train.lr_head=1.0", "train.ema=0",
+                           "train.warmup=200"]),
 }
-
 
 def machine() -> dict:
     """CPU model and the vector extensions that decide fp32/bf16 speed."""
@@ -93,8 +94,8 @@ def row_for(name: str, run_dir: Path, overrides: list[str], note: str, load: dic
             "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command_line()}
 
 
-def write(new_rows: list[dict]) -> None:
-    path = OUT.with_suffix(".json")
+def write(new_rows: list[dict], out: Path = OUT) -> None:
+    path = out.with_suffix(".json")
     old = json.loads(path.read_text())["recipes"] if path.exists() else []
     names = {r["name"] for r in new_rows}
     recipes = [r for r in old if r["name"] not in names] + new_rows
@@ -112,11 +113,11 @@ def write(new_rows: list[dict]) -> None:
             "Wall-clock hours from scratch until the validation aRMSE (8 held-out trajectories × 1000 cycles, 200 of "
             "burn-in; validation time included) first reaches each threshold; — not reached within the run. Each "
             "row's command is in time_to_accuracy.json (`command`), with its full config, curve and machine.\n\n" + table)
-    atomic_write_text(OUT.with_suffix(".md"), text + "\n![validation aRMSE against wall-clock](time_to_accuracy.png)\n")
-    plot(recipes)
+    atomic_write_text(out.with_suffix(".md"), text + f"\n![validation aRMSE against wall-clock]({out.name}.png)\n")
+    plot(recipes, out)
 
 
-def plot(recipes: list[dict]) -> None:
+def plot(recipes: list[dict], out: Path) -> None:
     """Validation aRMSE against wall-clock hours, one line per recipe, the targets drawn in."""
     import matplotlib
     matplotlib.use("Agg")
@@ -124,7 +125,7 @@ def plot(recipes: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for r in recipes:
         c = r["curve"]
-        ax.plot([p["h"] for p in c], [p["val"] for p in c], marker="o", ms=2.5, lw=1, label=r["name"])
+        ax.plot([max(p["h"], 1e-3) for p in c], [p["val"] for p in c], marker="o", ms=2.5, lw=1, label=r["name"])
     for t, lab in ((0.20, "0.20"), (0.191, "paper 0.191")):
         ax.axhline(t, color="k", lw=0.6, ls="--")
         ax.text(0.01, t, lab, fontsize=7, va="bottom", transform=ax.get_yaxis_transform())
@@ -136,13 +137,13 @@ def plot(recipes: list[dict]) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = OUT.with_name(".time_to_accuracy.tmp.png")
+    tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(OUT.with_suffix(".png"))
+    tmp.replace(out.with_suffix(".png"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", action="append", default=[], choices=sorted(RECIPES))
     ap.add_argument("--set", action="append", default=[], help="extra overrides for every trained recipe")
@@ -158,14 +159,16 @@ def main() -> None:
                     help="--from-run: score the kept (averaged) network or the raw weights")
     ap.add_argument("--load", help="--from-run: how loaded the machine was, e.g. 'loadavg ~6 on 2 cores'")
     ap.add_argument("--list", action="store_true")
-    a = ap.parse_args()
+    ap.add_argument("--out", default=str(OUT), help="output path stem (.md, .json, .png are added)")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
     if a.list:
         for k, (c, o) in RECIPES.items():
             print(f"{k}: {c} {' '.join('--set ' + x for x in o)}")
         return
     if a.from_run:
         write([row_for(a.name or Path(a.from_run).name, Path(a.from_run), [], a.note,
-                       {"reported": a.load} if a.load else None, here=a.trained_here, column=a.column)])
+                       {"reported": a.load} if a.load else None, here=a.trained_here, column=a.column)], out)
         return
     rows = []
     for name in a.recipe:
@@ -179,7 +182,7 @@ def main() -> None:
         load = {"loadavg_15min_end": round(os.getloadavg()[2], 2),
                 "cpu_per_wall": round((time.process_time() - cpu0) / wall, 2)}
         rows.append(row_for(name, run_dir, overrides, a.note, load))
-        write(rows)  # each finished recipe is kept even if a later one is interrupted
+        write(rows, out)  # each finished recipe is kept even if a later one is interrupted
         print(json.dumps({k: rows[-1][k] for k in ("name", "hours_to", "final_val_armse", "sample_cycles_per_s")}))
 
 

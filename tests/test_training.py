@@ -311,6 +311,25 @@ def test_training_stops_at_its_wall_clock_budget_and_validates_there(tmp_path):
         tiny(teacher_weight=0.5, loss="semisupervised")
 
 
+def test_time_to_accuracy_benchmark_stops_at_its_budget_and_writes_its_row(tmp_path):
+    spec = importlib.util.spec_from_file_location("tta", Path(__file__).parents[1] / "benchmarks" / "time_to_accuracy.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    tiny_net = ["net.Nf=4", "net.Nbl=1", "net.Nl=1", "train.Nt=8", "train.N_iter=2", "train.distill_steps=2",
+                "train.val_cycles=30", "train.val_burn_in=10", "train.val_batch=2", "train.teacher_N=6"]
+    out = tmp_path / "tta"
+    tta.main(["--recipe", "default", "--budget-h", "1e-4", "--threads", "1", "--out-dir", str(tmp_path / "runs"),
+              "--out", str(out)] + [f"--set={s}" for s in tiny_net])
+    (row,) = json.loads(out.with_suffix(".json").read_text())["recipes"]
+    assert row["name"] == "default" and 1 <= row["steps"] < 20_000 and row["machine"]["cores"] >= 1
+    assert set(row["hours_to"]) == set(tta.THRESHOLDS) and row["final_val_armse"] > 0
+    assert row["config"]["train"]["distill_steps"] == 2 and row["load"]["cpu_per_wall"] > 0
+    assert "| default |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 1000
+    # a run entered from elsewhere is merged as its own row
+    tta.main(["--from-run", row["run_dir"], "--name", "again", "--out", str(out)])
+    assert [r["name"] for r in json.loads(out.with_suffix(".json").read_text())["recipes"]] == ["default", "again"]
+
+
 def _saved_net(tmp_path):
     net = build_net(NetConfig(Nf=4, Nbl=1, Nl=1))
     save_net(tmp_path, net, {"trained_with": {}})
