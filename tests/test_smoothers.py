@@ -4,6 +4,8 @@ scores of the DA loop, and short statistical checks on Lorenz 96."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from danlab.models import LinearModel
 from danlab.observations import Observer
 from danlab.rng import BatchRNG
 from danlab.twin import TwinStream
+from test_cli import danlab
 from test_filters_classical import (L96, NX, SIGMA, SITES, _run, ensemble_with_moments, kalman_step, linear_model,
                                     subset_observer)
 
@@ -228,3 +231,31 @@ def test_l96_var4d_accuracy():
     assert 0.3 < s1["armse"] < 0.42
     assert s3["armse"] < s1["armse"] and s3["armse_s"] < s3["armse"]
     assert s1["unconverged"] == s3["unconverged"] == 0
+
+
+# ---------------------------------------------------------------- configs and command line
+
+@pytest.mark.parametrize("config, override, text", [
+    ("ienks.yaml", "filter.lag=0", "filter.ienks.lag"),
+    ("ienks.yaml", "filter.lag=60", "window of 60 cycles is longer than the scored run"),
+    ("var4d.yaml", "filter.lag=-1", "filter.var4d.lag"),
+    ("var4d.yaml", "filter.N=2", "N must be 1"),
+    ("ienks.yaml", "filter.mda=maybe", "filter.ienks.mda"),
+])
+def test_bad_smoother_config_exits_2_with_one_line(config, override, text):
+    r = danlab("run", f"configs/l96/{config}", "--set", "cycles=80", "--set", "burn_in=30", "--set", override)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("danlab: error: ") and text in lines[0], r.stderr
+
+
+def test_smoother_run_writes_filtering_and_smoothing_scores(tmp_path):
+    r = danlab("run", "configs/l96/ienks.yaml", "--set", "cycles=60", "--set", "burn_in=20", "--set", "filter.lag=3",
+               "--set", "filter.mda=true", "--set", "threads=1", "--out", str(tmp_path / "run"), "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["method"] == "ienks" and 0 < s["armse_s"] < s["armse"] < 0.5 and s["unconverged"] >= 0
+    import xarray as xr
+    with xr.open_dataset(tmp_path / "run" / "stats.nc") as ds:
+        rs = ds["rmse_s"].values[0]
+        assert np.isfinite(rs[:-3]).all() and np.isnan(rs[-3:]).all()  # the last lag cycles are not smoothed yet
+        assert abs(np.mean(rs[20:-3]) - s["armse_s"]) < 1e-12 and int(ds["unconverged"].values[0]) == s["unconverged"]
