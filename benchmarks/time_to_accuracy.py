@@ -81,7 +81,9 @@ def read_run(run_dir: Path, column: str = "val_armse") -> dict:
     tc = cfg.train
     return {"hours_to": hours_to, "final_val_armse": val[-1][2], "best_val_armse": min(v for _, _, v in val),
             "steps": step, "wall_h": round(wall / 3600, 3),
-            "sample_cycles_per_s": round(step * tc.Nt * tc.N_iter / wall, 1),
+            # a distillation step is one cycle, a window N_iter cycles
+            "sample_cycles_per_s": round(tc.Nt * (min(step, tc.distill_steps) + max(step - tc.distill_steps, 0) * tc.N_iter)
+                                         / wall, 1),
             "curve": [{"step": s, "h": round(w / 3600, 3), "val": v} for s, w, v in val]}
 
 

@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--N-iter", type=int, default=10)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--no-bf16", action="store_true", help="skip bf16 (8x slower than fp32 where the CPU has no bf16 units)")
+    ap.add_argument("--no-bf16", action="store_true", help="skip bf16 (7x slower than fp32 where the CPU has no bf16 units)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
