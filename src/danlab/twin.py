@@ -19,8 +19,8 @@ def check_stable(model, x: torch.Tensor, cycles: int = 10) -> None:
         ok = bool(torch.isfinite(x).all()) and bool(torch.isfinite(probe).all()) and float(probe.abs().max()) < bound
     if not ok:
         from danlab.config import ConfigError
-        raise ConfigError(f"model: the truth blows up ({model}): the integration is unstable, lower model.dt "
-                          f"(or model.F)")
+        raise ConfigError(f"model: the truth blows up ({model}): the integration is unstable, lower model.dt"
+                          + (" (or model.F)" if hasattr(model, "F") else ""))
 
 
 class TwinStream:
