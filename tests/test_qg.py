@@ -1,0 +1,153 @@
+"""The QG model on the sphere (models/qg_sphere.py): an analytic solution (the Rossby–Haurwitz wave), the
+invariants of the inviscid flow, the energy budget of the forced-dissipative one, the tangent-linear model,
+batching, and its config."""
+
+import math
+
+import pytest
+import torch
+
+from danlab.config import ConfigError, model_config
+from danlab.models.qg_sphere import OMEGA, PSI_UNIT, QGSphere
+
+INVISCID = dict(drag=0.0, jet_relaxation=0.0, hyperdiffusion=0.0)
+
+
+def rossby_haurwitz(model: QGSphere, R: int = 4, omega: float = 7.848e-6 * 86400, K: float = 7.848e-6 * 86400):
+    """Williamson et al. (1992) test 6 as a streamfunction on the unit sphere: ψ = -ω μ + K cos^R φ μ cos Rλ (state units)."""
+    lat, lon = model.coordinates()
+    return (-omega * torch.sin(lat) + K * torch.cos(lat) ** R * torch.sin(lat) * torch.cos(R * lon)) * PSI_UNIT
+
+
+def test_rossby_haurwitz_wave_travels_at_its_analytic_speed():
+    """Wavenumber 4, L_R = ∞, no forcing, drag, orography or diffusion: the wave is an exact solution of the
+    barotropic vorticity equation, rotating eastward at ν = (R(3+R)ω - 2Ω)/((1+R)(2+R)) without change of shape.
+    Over 10 days the phase speed is within 1e-6 relative (the issue asks 1 %) and the shape within 1e-6."""
+    model = QGSphere(T=21, deformation_radius=None, orography=0.0, dt=1 / 12, **INVISCID)
+    R, omega = 4, 7.848e-6 * 86400
+    nu = (R * (3 + R) * omega - 2 * OMEGA) / ((1 + R) * (2 + R))  # rad per day
+    x0 = rossby_haurwitz(model).unsqueeze(0)
+    c0 = model.to_spectral(x0)[0]
+    x = model.integrate(x0, 120)
+    c = model.to_spectral(x)[0]
+    ratio = c[4, 5] / c0[4, 5]
+    nu_num = nu - torch.angle(ratio * torch.exp(torch.tensor(4j * nu * 10.0))).item() / (4 * 10.0)
+    assert abs(nu_num / nu - 1) < 1e-6, (nu_num, nu)
+    assert abs(abs(ratio) - 1) < 1e-6
+    # the shape: the field rotated back by 10 ν equals the initial one
+    lat, lon = model.coordinates()  # the closed form at day 10: cos(R(λ - ν t))
+    rot = (-omega * torch.sin(lat) + omega * torch.cos(lat) ** R * torch.sin(lat) * torch.cos(R * (lon - nu * 10.0))) * PSI_UNIT
+    assert (x[0] - rot).abs().max() < 1e-6 * rot.abs().max()
+
+
+@pytest.fixture(scope="module")
+def turbulent_state():
+    """A state of the default forced flow after a short spin-up (5 days: small scales filled), batch of 2."""
+    model = QGSphere(T=21)
+    g = torch.Generator().manual_seed(0)
+    x = model.initial(torch.randn(2, model.Nx, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        return model.integrate(x, int(5 / model.dt))
+
+
+def test_inviscid_flow_conserves_energy_and_enstrophy(turbulent_state):
+    """Without forcing and dissipation (orography kept), E and Z drift by less than 1e-6 relative over one day at
+    dt = 15 min. Measured from a 10-day state: -9e-9 and -3e-8 at 15 min, -2.8e-7 and -8e-7 at 30 min, -8e-6 and
+    -2.4e-5 at the default 1 h (the RK4 error, O(dt⁵) per day: 0.04 % of the physical drag at 1 h). The semi-discrete
+    tendencies conserve both to round-off."""
+    model = QGSphere(T=21, dt=1 / 96, **INVISCID)
+    x = turbulent_state
+    E0, Z0 = model.energy(x), model.enstrophy(x)
+    x1 = model.integrate(x, int(round(1 / model.dt)))
+    assert ((model.energy(x1) / E0 - 1).abs() < 1e-6).all(), model.energy(x1) / E0 - 1
+    assert ((model.enstrophy(x1) / Z0 - 1).abs() < 1e-6).all(), model.enstrophy(x1) / Z0 - 1
+    # the advection term alone: <ψ, dq'/dt> = 0 and <q, dq'/dt> = 0 exactly (alias-free transform)
+    psi = model.to_spectral(x)
+    q = model.pv(psi)
+    dq = model.tendency(q)
+    dE = -model.inner(psi, dq)  # dE/dt = -<ψ, ∂q'/∂t>
+    dZ = model.inner(q + model.static("q_static", x.dtype, x.device), dq)
+    scale = model.inner(dq, dq).sqrt() * model.inner(psi, psi).sqrt()
+    assert (dE.abs() < 1e-12 * scale).all() and (dZ.abs() < 1e-12 * scale * 1e3).all()
+
+
+def test_energy_budget_with_forcing_and_dissipation(turbulent_state):
+    """With forcing and dissipation, dE/dt = -<ψ, F - D> (advection exchanges energy between scales only): the
+    model's tendency matches the forcing and dissipation terms alone to round-off, and the change of E over a
+    short step matches dE/dt."""
+    model = QGSphere(T=21)
+    x = turbulent_state
+    psi = model.to_spectral(x)
+    q = model.pv(psi)
+    zeta = model.sht.laplacian() * psi
+    source = (-model.drag * zeta + model.jet_relaxation * (model.static("zeta_jet", x.dtype, x.device)
+                                                               - zeta * model.static("zonal", x.dtype, x.device))
+              - model.static("nu", x.dtype, x.device) * q) * model.sht.mask()
+    dE = -model.inner(psi, model.tendency(q))
+    dE_source = -model.inner(psi, source)
+    assert torch.allclose(dE, dE_source, rtol=1e-9, atol=0), (dE, dE_source)
+    h = 1e-3  # (E(t + h) - E(t)) / h against the trapezoid of dE/dt at both ends: O(h²)
+    small = QGSphere(T=21, dt=h)
+    x1 = small.step(x)
+    psi1 = model.to_spectral(x1)
+    dE1 = -model.inner(psi1, model.tendency(model.pv(psi1)))
+    dE_num = (model.energy(x1) - model.energy(x)) / h
+    assert torch.allclose(dE_num, 0.5 * (dE + dE1), rtol=1e-5), (dE_num, dE, dE1)
+
+
+def test_tangent_linear_matches_finite_differences(turbulent_state):
+    """The model's derivative by autograd (J v) along a random direction against centred differences, over two
+    RK4 steps."""
+    model = QGSphere(T=21, substeps=2)
+    x = turbulent_state[:1]
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(1, model.Nx, generator=g, dtype=torch.float64)
+    with torch.enable_grad():  # J v as the transpose of the vector-Jacobian product (two reverse passes)
+        xs = x.clone().requires_grad_(True)
+        y = model(xs)
+        u = torch.zeros_like(y, requires_grad=True)
+        (gx,) = torch.autograd.grad(y, xs, u, create_graph=True)
+        (jv,) = torch.autograd.grad(gx, u, v)
+    eps = 1e-5
+    fd = (model(x + eps * v) - model(x - eps * v)) / (2 * eps)
+    assert (jv - fd).norm() < 1e-7 * jv.norm(), ((jv - fd).norm() / jv.norm()).item()
+
+
+def test_batched_float32_and_shapes(turbulent_state):
+    """A batch gives the row-by-row results, any leading shape works, float32 stays close to float64 over a cycle."""
+    model = QGSphere(T=21)
+    x = turbulent_state
+    y = model(x)
+    assert torch.allclose(y[1], model(x[1]), atol=1e-12)
+    assert model(x.view(2, 1, -1)).shape == (2, 1, model.Nx)
+    y32 = model(x.float())
+    assert y32.dtype == torch.float32 and (y32 - y).abs().max() < 1e-4 * y.abs().max()
+    with pytest.raises(ValueError, match="Nx = nlat × nlon = 2048"):
+        model(x[..., :-1])
+
+
+def test_bad_model_parameters_are_refused():
+    with pytest.raises(ValueError, match="QGSphere.T must be >= 1"):
+        QGSphere(T=0)
+    with pytest.raises(ValueError, match="nlat must be >= \\(3T\\+1\\)/2 = 32"):
+        QGSphere(T=21, nlat=24)
+    with pytest.raises(ValueError, match="nlon must be >= 3T\\+1 = 64"):
+        QGSphere(T=21, nlon=48)
+    with pytest.raises(ValueError, match="deformation_radius must be > 0"):
+        QGSphere(deformation_radius=0.0)
+    with pytest.raises(ValueError, match="dt must be > 0"):
+        QGSphere(dt=-1.0)
+
+
+def test_distances_are_great_circle():
+    model = QGSphere(T=10)  # a 16 x 32 grid
+    D = model.distances()
+    assert D.shape == (model.Nx, model.Nx)
+    assert torch.allclose(D, D.T) and D.diagonal().abs().max() < 1e-4
+    # two points at the same latitude 180° apart: the distance across the pole
+    lat = model.sht.lat[0]
+    assert abs(D[0, 16] - 6371.0 * (math.pi - 2 * lat)) < 1e-6
+    # along the equator-nearest row: the arc between neighbours
+    i = model.nlat // 2
+    assert abs(D[i * 32, i * 32 + 1] - 6371.0 * math.acos(math.cos(model.sht.lat[i]) ** 2 * math.cos(2 * math.pi / 32)
+                                                         + math.sin(model.sht.lat[i]) ** 2)) < 1e-6
