@@ -3,5 +3,6 @@
 from danlab.models.ks import KuramotoSivashinsky
 from danlab.models.lorenz96 import Lorenz96
 from danlab.models.linear import LinearModel
+from danlab.models.qg_sphere import QGSphere
 
-__all__ = ["KuramotoSivashinsky", "Lorenz96", "LinearModel"]
+__all__ = ["KuramotoSivashinsky", "Lorenz96", "LinearModel", "QGSphere"]
