@@ -56,7 +56,7 @@ def batch_gradients(run_dir: Path, K: int, Nt: int, settle: int, threads: int,
     grads, other = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for s in range(K):  # seeds 10,000 + s: none of them is a training or validation seed
-            tr = Trainer(load_config(TrainRunConfig, run_dir / "config.yaml", over + [f"seed={10_000 + s}"]), tmp)
+            tr = Trainer(load_config(TrainRunConfig, run_dir / "config.yaml", over + [f"seed={10_000 + s}"], stored=True), tmp)
             load_state_strict(tr.net, weights, str(run_dir))
             with torch.no_grad():
                 for _ in range(settle // tr.cfg.train.N_iter):

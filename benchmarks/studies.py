@@ -30,14 +30,14 @@ STUDIES = {
     "nt": ("N_t (concurrent training trajectories)", [("nt", "a_θ", "train.Nt", None)]),
     "nf": ("N_f (filters)", [("nf", "a_θ", "net.Nf", None)]),
     "depth": ("N_l (layers per block)", [("depth", "a_θ", "net.Nl", None)]),
-    "ne": ("ensemble size", [("ne_dan", "a_θ", "train.Ne", None), ("ne_enkf_n", "EnKF-N", "filter.N", None)]),
+    "ne": ("ensemble size", [("ne_dan", "a_θ", "train.N", None), ("ne_enkf_n", "EnKF-N", "filter.N", None)]),
     "niter": ("N_iter (chained cycles per step)", [("niter", "a_θ", "train.N_iter", None)]),
     "sigma": ("observation noise σ", [("sigma_dan", "a_θ", "observations.sigma", None),
                                       ("sigma_enkf_n", "EnKF-N, N=20", "observations.sigma", None)]),
     "sparsity": ("observed fraction of the sites", [("sparsity_dan", "a_θ (one network, trained on 10-40 sites)", "evaluate.observations.fraction", None),
                                                     ("sparsity_enkf_n", "EnKF-N, N=20", "observations.fraction", None)]),
-    "dt": ("observation interval Δt", [("dt_dan", "a_θ", "model.steps", 0.05), ("dt_enkf_n", "EnKF-N, N=20", "model.steps", 0.05),
-                                       ("dt_ienkf", "IEnKF, N=20", "model.steps", 0.05), ("dt_var3d", "3D-Var, tuned", "model.steps", 0.05)]),
+    "dt": ("observation interval Δt", [("dt_dan", "a_θ", "model.substeps", 0.05), ("dt_enkf_n", "EnKF-N, N=20", "model.substeps", 0.05),
+                                       ("dt_ienkf", "IEnKF, N=20", "model.substeps", 0.05), ("dt_var3d", "3D-Var, tuned", "model.substeps", 0.05)]),
 }
 
 

@@ -69,7 +69,7 @@ def read_run(run_dir: Path, column: str = "val_armse") -> dict:
     """Hours to each validation threshold, final and best validation, steps and throughput, from a run folder.
     column: val_armse (the kept network: the weight average when there is one) or val_raw_armse (the raw weights)."""
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    cfg = load_config(TrainRunConfig, run_dir / "config.yaml", [])
+    cfg = load_config(TrainRunConfig, run_dir / "config.yaml", [], stored=True)
     val = [(int(r["step"]), float(r["wall_s"]), float(r[column])) for r in rows if r.get(column)]
     if not val:
         raise SystemExit(f"{run_dir}: no validation in metrics.csv yet")
@@ -89,7 +89,7 @@ def read_run(run_dir: Path, column: str = "val_armse") -> dict:
 
 def row_for(name: str, run_dir: Path, overrides: list[str], note: str, load: dict | None, here: bool = True,
             column: str = "val_armse") -> dict:
-    cfg = load_config(TrainRunConfig, run_dir / "config.yaml", [])
+    cfg = load_config(TrainRunConfig, run_dir / "config.yaml", [], stored=True)
     return {"name": name, "config": cfg.model_dump(mode="json"), "overrides": overrides, "run_dir": str(run_dir),
             **read_run(run_dir, column), "validated": column, "machine": machine() if here else None, "code_version": code_version(), "load": load,
             "note": note,

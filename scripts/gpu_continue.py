@@ -58,7 +58,7 @@ def time_steps(run: Path, sets: list[str], warm: int, timed: int) -> tuple[float
     copy of the run, whose checkpoint is also written once: the whole path runs on the device before the real run)."""
     with tempfile.TemporaryDirectory() as tmp:
         run_files(run, Path(tmp))
-        cfg = load_config(TrainRunConfig, Path(tmp) / "config.yaml", sets)
+        cfg = load_config(TrainRunConfig, Path(tmp) / "config.yaml", sets, stored=True)
         tr = Trainer(cfg, tmp)
         tr.load()
         for _ in range(warm):
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     run = a.out / "run"
     run_files(a.run, run)
     base = [f"train.device={a.device}", f"train.threads={a.threads}", "train.bf16=false", "train.compile=false"]
-    cfg0 = load_config(TrainRunConfig, run / "config.yaml", base)
+    cfg0 = load_config(TrainRunConfig, run / "config.yaml", base, stored=True)
     timing = {}
     for nt in [int(s) for s in a.nt.split(",")]:
         try:
@@ -131,14 +131,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"gpu_continue: only {n} steps fit in the budget; give more --budget-s")
     steps = start + n
     # lr_at's cosine runs from the warm-up to `steps`; choose its lr so that the body gets peak-lr at `start`
-    probe = cfg0.train.model_copy(update={"steps": steps, "lr": 1.0, "lr_min": 0.0})
+    probe = cfg0.train.model_copy(update={"max_steps": steps, "lr": 1.0, "lr_min": 0.0})
     frac = lr_at(start, probe)
     lr = cfg0.train.lr_min + (a.peak_lr - cfg0.train.lr_min) / frac
-    sets = base + [f"train.Nt={nt}", f"train.steps={steps}", f"train.lr={lr:.6g}", f"train.val_every={val_every}",
+    sets = base + [f"train.Nt={nt}", f"train.max_steps={steps}", f"train.lr={lr:.6g}", f"train.val_every={val_every}",
                    "train.checkpoint_every_s=60"]
     print(json.dumps({"chosen_Nt": nt, "steps": steps, "lr": float(f"{lr:.6g}"), "val_every": val_every,
                       "budget_s": a.budget_s}), flush=True)
-    cfg = load_config(TrainRunConfig, run / "config.yaml", sets)
+    cfg = load_config(TrainRunConfig, run / "config.yaml", sets, stored=True)
     t0 = time.perf_counter()
     result = train(cfg, run, resume=True, progress=False)
     wall = time.perf_counter() - t0

@@ -76,7 +76,7 @@ def test_eval_and_export_of_a_network(tmp_path):
 
 def test_train_and_resume_cli(tmp_path):
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("net: {Nf: 4, Nbl: 1, Nl: 1}\ntrain: {Nt: 8, N_iter: 2, steps: 4, warmup: 1, val_every: 2, "
+    cfg.write_text("net: {Nf: 4, Nbl: 1, Nl: 1}\ntrain: {Nt: 8, N_iter: 2, max_steps: 4, warmup: 1, val_every: 2, "
                    "val_cycles: 30, val_burn_in: 5, val_batch: 2, threads: 1}\n")
     r = danlab("train", str(cfg), "--out", str(tmp_path / "run"), "--stop-after", "2", "--quiet")
     assert r.returncode == 0, r.stderr
@@ -87,9 +87,9 @@ def test_train_and_resume_cli(tmp_path):
     r = danlab("train", "--resume", str(tmp_path / "run"), "--set", "train.N_iter=3", "--quiet")
     assert r.returncode == 2 and "train.N_iter" in r.stderr
     # a warm restart: more steps with a new learning rate, recorded in the schedule history
-    r = danlab("train", "--resume", str(tmp_path / "run"), "--set", "train.steps=6", "--set", "train.lr=0.002", "--quiet")
+    r = danlab("train", "--resume", str(tmp_path / "run"), "--set", "train.max_steps=6", "--set", "train.lr=0.002", "--quiet")
     assert r.returncode == 0, r.stderr
-    history = [{"step": 4, "set": {"lr": 0.002, "steps": 6}}]
+    history = [{"step": 4, "set": {"lr": 0.002, "max_steps": 6}}]
     assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["schedule_history"] == history
     r = danlab("export", str(tmp_path / "run"), str(tmp_path / "w"), "--cycles", "100", "--burn-in", "20", "--batch", "2")
     assert r.returncode == 0, r.stderr

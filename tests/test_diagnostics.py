@@ -190,7 +190,7 @@ def test_net_map_is_the_learned_filters_increment():
 def test_tangent_linear_is_the_models_jacobian():
     from torch.func import jacfwd, jvp
     from danlab.diagnostics.lyapunov import tangent_linear, tangent_qr_step
-    m = Lorenz96(Nx=12, steps=2)
+    m = Lorenz96(Nx=12, substeps=2)
     x = m.spinup(m.initial(torch.randn(2, 12, dtype=f64)), 5.0)
     xn, J = tangent_linear(m, x)
     assert torch.allclose(xn, m(x), atol=1e-14, rtol=0)
@@ -232,7 +232,7 @@ def test_lyapunov_l96_reference():
 # ---- the command ---------------------------------------------------------------------------------------
 
 def save_tiny(path, model=None):
-    meta = {"trained_with": {"model": model or {"name": "lorenz96", "Nx": 16, "F": 8.0, "dt": 0.05, "steps": 1},
+    meta = {"trained_with": {"model": model or {"name": "lorenz96", "Nx": 16, "F": 8.0, "dt": 0.05, "substeps": 1},
                              "observations": {"kind": "identity", "sigma": 1.0}}}
     save_net(path, tiny_net(), meta)
     return path

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from danlab import cli
 from danlab.config import ConfigError, load_config, parse_value, read_yaml
@@ -295,6 +296,10 @@ def test_non_utf8_and_folder_configs(tmp_path):
     (["train", "configs/l96/dan_nf40.yaml", "--set", "net.kernel=4"], "net.kernel"),
     (["run"], "config"),
     (["nonsense"], "invalid choice"),
+    (["run", "configs/l96/etkf.yaml", "--set", "model.steps=4"], "`steps` was renamed `substeps`"),
+    (["train", "configs/l96/dan_nf40.yaml", "--set", "train.steps=4"], "`steps` was renamed `max_steps`"),
+    (["train", "configs/l96/dan_nf40.yaml", "--set", "train.Ne=4"], "`Ne` was renamed `N`"),
+    (["run", "configs/l96/etkf.yaml", "--set", "model.name=banana"], "model.name: unknown 'banana'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys, monkeypatch, no_compute):
     monkeypatch.chdir(ROOT)
@@ -483,3 +488,77 @@ def test_the_shipped_weights_still_score_about_0_20():
     data = learned_eval_data(meta["trained_with"], w, seed=3, cycles=700, burn_in=100, batch=4)
     s = run_experiment(load_config(RunConfig, data=data | {"threads": 1}), None)
     assert s["n_diverged"] == 0 and 0.185 <= s["armse"] <= 0.215, s["armse"]
+
+
+# ---------------------------------------------------------------- science-changing resume
+
+TINY_TRAIN = ("net: {Nf: 4, Nbl: 1, Nl: 1}\ntrain: {Nt: 4, N_iter: 2, max_steps: 2, warmup: 1, val_every: 2, "
+              "val_cycles: 20, val_burn_in: 5, val_batch: 1, threads: 1}\n")
+
+
+def test_resume_refuses_a_change_of_physics_named_like_a_schedule_knob(tmp_path, capsys):
+    """`model.substeps` (the RK4 substeps: physics) and `train.max_steps` (the schedule) are compared by dotted
+    path: the first is refused on resume, the second is a recorded schedule change."""
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(TINY_TRAIN)
+    rc, _, err = run_cli(capsys, "train", cfg, "--out", tmp_path / "run", "--quiet")
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "train", "--resume", tmp_path / "run", "--set", "model.substeps=4", "--quiet")
+    assert_one_line_error(rc, err, "model.substeps")
+    rc, _, err = run_cli(capsys, "train", "--resume", tmp_path / "run", "--set", "train.max_steps=3", "--quiet")
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert meta["step"] == 3 and meta["schedule_history"] == [{"step": 2, "set": {"max_steps": 3}}]
+
+
+def test_a_run_folder_written_with_the_old_key_names_still_resumes(tmp_path, capsys):
+    """Run folders and sidecars written before the renames (model.steps, train.steps, train.Ne) are upgraded on
+    reading; only configs written now by a user are refused."""
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(TINY_TRAIN)
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", cfg, "--out", run, "--quiet")[0] == 0
+    old = {"substeps": "steps", "max_steps": "steps", "N": "Ne"}
+    y = yaml.safe_load((run / "config.yaml").read_text())
+    y["model"]["steps"] = y["model"].pop("substeps")
+    y["train"]["steps"] = y["train"].pop("max_steps")
+    y["train"]["Ne"] = y["train"].pop("N")
+    (run / "config.yaml").write_text(yaml.safe_dump(y))
+    for name in ("checkpoint.json", "best/model.json"):
+        meta = json.loads((run / name).read_text())
+        c = meta["config"] if "config" in meta else meta["trained_with"]
+        for sec, new in (("model", "substeps"), ("train", "max_steps"), ("train", "N")):
+            c[sec][old[new]] = c[sec].pop(new)
+        (run / name).write_text(json.dumps(meta))
+    rc, _, err = run_cli(capsys, "train", "--resume", run, "--set", "train.max_steps=3", "--quiet")
+    assert rc == 0, err
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 3
+    rc, out, err = run_cli(capsys, "eval", run, "--cycles", "20", "--burn-in", "5", "--json", "--out", tmp_path / "e")
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["armse"] > 0, err
+
+
+def test_sigterm_checkpoints_the_step_reached_and_the_run_resumes(tmp_path):
+    """A SIGTERM (a scheduler's preemption) or Ctrl-C stops training after the current step with a checkpoint:
+    nothing trained is lost, and --resume continues from exactly there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(TINY_TRAIN.replace("max_steps: 2", "max_steps: 100000").replace("val_every: 2", "val_every: 100000")
+                   .replace("threads: 1", "threads: 1, log_every: 1"))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "danlab.cli", "train", str(cfg), "--out", str(run), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.csv").is_file()
+                                          and len((run / "metrics.csv").read_text().splitlines()) > 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    meta = json.loads((run / "checkpoint.json").read_text())
+    assert result["stopped_by"] == "SIGTERM" and meta["step"] == result["step"] >= 3
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert int(rows[-1].split(",")[0]) == meta["step"]  # logged every step here: the last row is the checkpoint's

@@ -24,9 +24,9 @@ def test_tangent_linear_matches_finite_differences():
 def test_rk4_order_and_steps():
     """steps x dt spans the interval; halving dt reduces the RK4 error ~16x."""
     x = TwinStream(Lorenz96(), Observer(40), 1, seed=0, ids=[0]).x
-    ref = Lorenz96(dt=0.05 / 64, steps=64)(x)
-    e1 = (Lorenz96(dt=0.05, steps=1)(x) - ref).abs().max()
-    e2 = (Lorenz96(dt=0.025, steps=2)(x) - ref).abs().max()
+    ref = Lorenz96(dt=0.05 / 64, substeps=64)(x)
+    e1 = (Lorenz96(dt=0.05, substeps=1)(x) - ref).abs().max()
+    e2 = (Lorenz96(dt=0.025, substeps=2)(x) - ref).abs().max()
     assert 10 < e1 / e2 < 22
 
 
@@ -103,7 +103,7 @@ def test_tendency_against_an_independent_formula():
             for i in range(Nx):
                 ref[b, i] = (x[b, (i + 1) % Nx] - x[b, (i - 2) % Nx]) * x[b, (i - 1) % Nx] - x[b, i] + F
         torch.testing.assert_close(m.tendency(x), ref, rtol=0, atol=1e-12)
-    m, dt = Lorenz96(Nx=40, dt=0.01, steps=3), 0.01
+    m, dt = Lorenz96(Nx=40, dt=0.01, substeps=3), 0.01
     x = 3.0 * torch.randn(40, generator=g, dtype=torch.float64)
     y = x.clone()
     for _ in range(3):

@@ -81,7 +81,7 @@ def test_window_comparison_rows_and_files(tmp_path):
     assert len(df) == 2 * (1 + 2 * 2) + 1
     ienks = df[(df["method"] == "IEnKS, N 20") & (df["lag"] == 2) & (df["dt"] == 0.2)].iloc[0]
     direct = run_experiment(load_config(RunConfig, rp.CONFIGS / "ienks.yaml", [
-        "threads=1", "model.steps=4", "filter.N=20", "filter.lag=2", "cycles=40", "burn_in=10", "batch=1", "seed=0"]), None)
+        "threads=1", "model.substeps=4", "filter.N=20", "filter.lag=2", "cycles=40", "burn_in=10", "batch=1", "seed=0"]), None)
     assert ienks["armse"] == direct["armse"] and ienks["armse_s"] == direct["armse_s"]
     var4d = df[df["method"] == "4D-Var"]
     assert var4d["tuned"].str.startswith("scale=").all() and var4d["armse_s"].notna().all()

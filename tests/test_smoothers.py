@@ -236,11 +236,11 @@ def test_l96_var4d_accuracy():
 # ---------------------------------------------------------------- configs and command line
 
 @pytest.mark.parametrize("config, override, text", [
-    ("ienks.yaml", "filter.lag=0", "filter.ienks.lag"),
+    ("ienks.yaml", "filter.lag=0", "filter.lag"),
     ("ienks.yaml", "filter.lag=60", "window of 60 cycles is longer than the scored run"),
-    ("var4d.yaml", "filter.lag=-1", "filter.var4d.lag"),
+    ("var4d.yaml", "filter.lag=-1", "filter.lag"),
     ("var4d.yaml", "filter.N=2", "N must be 1"),
-    ("ienks.yaml", "filter.mda=maybe", "filter.ienks.mda"),
+    ("ienks.yaml", "filter.mda=maybe", "filter.mda"),
 ])
 def test_bad_smoother_config_exits_2_with_one_line(config, override, text):
     r = danlab("run", f"configs/l96/{config}", "--set", "cycles=80", "--set", "burn_in=30", "--set", override)

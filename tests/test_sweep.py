@@ -12,7 +12,7 @@ from danlab.experiments.sweep import Sweep, load_sweep, point_id, run_sweep
 from danlab.training import trainer
 
 ETKF = {"cycles": 60, "burn_in": 10, "filter": {"method": "etkf", "N": 10, "infl": 1.02}}
-TINY = {"net": {"Nf": 8, "Nbl": 1, "Nl": 2}, "train": {"Nt": 16, "N_iter": 3, "steps": 8, "warmup": 2, "lr": 3e-3,
+TINY = {"net": {"Nf": 8, "Nbl": 1, "Nl": 2}, "train": {"Nt": 16, "N_iter": 3, "max_steps": 8, "warmup": 2, "lr": 3e-3,
         "val_every": 2, "val_cycles": 40, "val_burn_in": 10, "val_batch": 2, "log_every": 1}}
 
 
@@ -99,13 +99,13 @@ def test_train_sweep_shares_one_training(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "train", lambda *a, **k: calls.append(1) or real(*a, **k))
     s = Sweep(name="tr", kind="train", config=TINY, grid={"evaluate.observations.sigma": [0.5, 1.0]},
               evaluate={"cycles": 200, "burn_in": 10, "batch": 2},
-              budgets={"reduced": ["train.steps=4", "evaluate.cycles=50"], "full": {"train.steps": 8}})
+              budgets={"reduced": ["train.max_steps=4", "evaluate.cycles=50"], "full": {"train.max_steps": 8}})
     r = run_sweep(s.with_budget(None), out=tmp_path, scheduler="synchronous", progress=False)
     assert r["failed"] == [] and r["done"] == 2 and len(calls) == 1
     root = tmp_path / "tr-reduced"
     trains = list(root.glob("train-*"))
     assert len(trains) == 1 and (trains[0] / "best" / "model.json").is_file()
-    assert json.loads((trains[0] / "checkpoint.json").read_text())["step"] == 4  # the budget's train.steps
+    assert json.loads((trains[0] / "checkpoint.json").read_text())["step"] == 4  # the budget's train.max_steps
     dones = [json.loads((root / f"evaluate.observations.sigma={v}" / "done.json").read_text()) for v in (0.5, 1.0)]
     assert {d["training"]["dir"] for d in dones} == {str(trains[0])}
     assert [d["cycles"] for d in dones] == [50, 50]  # evaluate block, then the budget's evaluate.cycles

@@ -13,7 +13,7 @@ from danlab.training.checkpoint import CheckpointError
 from danlab.training.config import TrainRunConfig
 from danlab.training.trainer import Trainer, lr_at, train, validate
 
-TINY = {"net": {"Nf": 8, "Nbl": 1, "Nl": 2}, "train": {"Nt": 16, "N_iter": 3, "steps": 8, "warmup": 2, "lr": 3e-3,
+TINY = {"net": {"Nf": 8, "Nbl": 1, "Nl": 2}, "train": {"Nt": 16, "N_iter": 3, "max_steps": 8, "warmup": 2, "lr": 3e-3,
         "val_every": 4, "val_cycles": 40, "val_burn_in": 10, "val_batch": 2, "log_every": 1}}
 
 
@@ -24,7 +24,7 @@ def tiny(**train_kw) -> TrainRunConfig:
 
 
 def test_loss_falls_on_a_tiny_problem(tmp_path):
-    cfg = tiny(steps=40, val_every=1000, Nt=32)
+    cfg = tiny(max_steps=40, val_every=1000, Nt=32)
     tr = Trainer(cfg, tmp_path)
     losses = [tr.train_step()[0] for _ in range(40)]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -121,9 +121,9 @@ def test_resume_refuses_a_different_config(tmp_path):
     with pytest.raises(CheckpointError, match="already holds"):
         train(tiny(), tmp_path, progress=False)
     # runtime knobs may change, and the schedule (a warm restart), which is recorded
-    train(tiny(steps=9, lr=1e-2, checkpoint_every_s=10.0), tmp_path, resume=True, stop_after=2, progress=False)
+    train(tiny(max_steps=9, lr=1e-2, checkpoint_every_s=10.0), tmp_path, resume=True, stop_after=2, progress=False)
     meta = json.loads((tmp_path / "checkpoint.json").read_text())
-    assert meta["schedule_history"] == [{"step": 2, "set": {"lr": 1e-2, "steps": 9}}]
+    assert meta["schedule_history"] == [{"step": 2, "set": {"lr": 1e-2, "max_steps": 9}}]
     assert json.loads((tmp_path / "best" / "model.json").read_text())["schedule_history"] == meta["schedule_history"]
 
 
@@ -256,8 +256,8 @@ def test_distillation_steps_regress_the_analysis_of_the_teachers_forecast(tmp_pa
     a, b = whole_and_resumed(tiny(distill_steps=4, teacher_weight=0.5, teacher_N=8), tmp_path / "r", stop_after=3)
     assert all(torch.equal(p, q) for p, q in zip(a.net.parameters(), b.net.parameters()))
     assert torch.equal(a.E_teacher, b.E_teacher) and torch.equal(a.E, b.E)
-    with pytest.raises(ValueError, match="Ne <= teacher_N"):
-        tiny(distill_steps=2, Ne=12, teacher_N=10)
+    with pytest.raises(ValueError, match="N <= teacher_N"):
+        tiny(distill_steps=2, N=12, teacher_N=10)
 
 
 def test_semisupervised_loss_is_eq15_over_every_analysis_of_the_window(tmp_path):
@@ -288,7 +288,7 @@ def test_semisupervised_loss_is_eq15_over_every_analysis_of_the_window(tmp_path)
 def test_semisupervised_training_needs_no_truth(tmp_path):
     """The truth the trainer sees is poisoned (NaN): the loss, the resets and so the weights never see it, and the
     semi-supervised run still learns (its loss falls) and validates against the real truth."""
-    cfg = tiny(loss="semisupervised", steps=150, val_every=1000, Nt=32, N_iter=2)
+    cfg = tiny(loss="semisupervised", max_steps=150, val_every=1000, Nt=32, N_iter=2)
     tr = Trainer(cfg, tmp_path)
     step = tr.twin.step
     tr.twin.step = lambda: (lambda x, obs: (torch.full_like(x, float("nan")), obs))(*step())
@@ -302,7 +302,7 @@ def test_semisupervised_training_needs_no_truth(tmp_path):
 
 
 def test_training_stops_at_its_wall_clock_budget_and_validates_there(tmp_path):
-    out = train(tiny(steps=10_000, val_every=10_000), tmp_path, progress=False, max_wall_s=1e-9)
+    out = train(tiny(max_steps=10_000, val_every=10_000), tmp_path, progress=False, max_wall_s=1e-9)
     assert out["step"] == 1
     last = (tmp_path / "metrics.csv").read_text().splitlines()[-1].split(",")
     assert last[0] == "1" and float(last[7]) > 0
@@ -387,7 +387,7 @@ def test_gpu_continue_plans_a_warm_restart_within_its_budget(tmp_path):
     meta = json.loads((out / "run" / "checkpoint.json").read_text())
     cfg = TrainRunConfig.model_validate(meta["config"])
     (change,) = meta["schedule_history"]
-    assert change["step"] == 8 and change["set"]["Nt"] in (24, 32) and change["set"]["steps"] == meta["step"] > 100
+    assert change["step"] == 8 and change["set"]["Nt"] in (24, 32) and change["set"]["max_steps"] == meta["step"] > 100
     assert lr_at(8, cfg.train) == pytest.approx(2e-3, rel=1e-5)  # the body restarts at the peak rate
     assert lr_at(meta["step"], cfg.train) == pytest.approx(cfg.train.lr_min)
     assert Trainer(cfg, out / "run").E.shape[0] == cfg.train.Nt

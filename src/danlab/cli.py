@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,7 +82,7 @@ def cmd_train(a) -> int:
         if not (run_dir / "checkpoint.json").is_file() or not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {run_dir}: not a training run folder (no checkpoint.json and config.yaml "
                               "there); give the --out folder of a `danlab train` run")
-        cfg = load_config(TrainRunConfig, run_dir / "config.yaml", a.set)
+        cfg = load_config(TrainRunConfig, run_dir / "config.yaml", a.set, stored=True)
     else:
         if not a.config:
             raise ConfigError("train: give a CONFIG.yaml, or --resume RUN_DIR")
@@ -308,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("danlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

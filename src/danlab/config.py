@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator, model_validator
 
 from danlab.models import Lorenz96
 from danlab.observations import Observer
@@ -45,6 +45,18 @@ class Strict(BaseModel):
     are never a meaningful value of a knob: they would only surface later as a crash or a silent NaN)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    # keys renamed since earlier versions, old -> new: a config that still uses the old name is refused with the
+    # new one (stored run folders and sidecars are upgraded on reading instead, see `upgrade_renamed`)
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_renamed(cls, data):
+        if isinstance(data, dict):
+            for old, new in cls.renamed.items():
+                if old in data:
+                    raise ValueError(f"`{old}` was renamed `{new}`")
+        return data
 
     @field_validator("device", check_fields=False)
     @classmethod
@@ -53,15 +65,41 @@ class Strict(BaseModel):
         return check_device(value) if isinstance(value, str) else value
 
 
-class ModelConfig(Strict):
+class Lorenz96Config(Strict):
+    """Lorenz 96 (`name: lorenz96`), integrated by RK4."""
+
+    renamed: ClassVar[dict[str, str]] = {"steps": "substeps"}
     name: Literal["lorenz96"] = Field("lorenz96", description="the model (Lorenz 96, integrated by RK4)")
     Nx: int = Field(40, ge=4, description="number of state variables")
     F: float = Field(8.0, description="forcing")
     dt: float = Field(0.05, gt=0, description="integration step")
-    steps: int = Field(1, ge=1, description="integration steps per observation interval")
+    substeps: int = Field(1, ge=1, description="RK4 steps per observation interval (Δt = substeps × dt)")
+
+    @property
+    def Dt(self) -> float:
+        """Time between two observations."""
+        return self.dt * self.substeps
 
     def build(self) -> Lorenz96:
-        return Lorenz96(Nx=self.Nx, F=self.F, dt=self.dt, steps=self.steps)
+        return Lorenz96(Nx=self.Nx, F=self.F, dt=self.dt, substeps=self.substeps)
+
+
+# The dynamics, chosen by `model.name` (lorenz96 when absent). Each member has `Nx` (the state size), `Dt` (the
+# time between observations) and `build()` (the model object).
+MODELS = {"lorenz96": Lorenz96Config}
+
+
+def _model_tag(value) -> str | None:
+    return value.get("name", "lorenz96") if isinstance(value, dict) else getattr(value, "name", None)
+
+
+ModelConfig = Annotated[Union[tuple(Annotated[c, Tag(n)] for n, c in MODELS.items())], Discriminator(_model_tag)]
+MODEL_FIELD = Field(default_factory=Lorenz96Config, description="the dynamics M, chosen by `name`")
+
+
+def model_config(data: dict):
+    """A model section (a dict) validated into its config class."""
+    return validate(TypeAdapter(ModelConfig), data)
 
 
 class ObsConfig(Strict):
@@ -79,15 +117,22 @@ class ObsConfig(Strict):
 
 
 # discriminator tags that pydantic puts in error locations; dropped from the field names we print
-FILTER_TAGS = frozenset({"enkf", "etkf", "enkf_n", "ienkf", "var3d", "learned"})
+FILTER_TAGS = frozenset({"enkf", "etkf", "enkf_n", "ienkf", "ienks", "var3d", "var4d", "learned"})
+
+
+def _tags() -> frozenset:
+    return FILTER_TAGS | frozenset(MODELS)
 
 
 def _format_error(err: ValidationError) -> str:
     e = err.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in FILTER_TAGS))
+    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _tags()))
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
+    if e["type"] == "union_tag_invalid":  # an unknown filter.method or model.name
+        key = "name" if "_model_tag" in e["ctx"]["discriminator"] else e["ctx"]["discriminator"].strip("'")
+        return f"{loc}.{key}: unknown {e['ctx']['tag']!r} (expected one of {e['ctx']['expected_tags']})"
     if "input" in e and not isinstance(e["input"], dict) and e["type"] not in {"missing"} and "(got " not in msg:
         return f"{loc or 'config'}: {msg} (got {e['input']!r})"
     return f"{loc or 'config'}: {msg}"
@@ -140,18 +185,41 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def validate(cls, data: dict):
+    """`data` validated into `cls` (a config class or a TypeAdapter), or a one-line ConfigError."""
     try:
-        return cls.model_validate(data)
+        return cls.validate_python(data) if isinstance(cls, TypeAdapter) else cls.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
 
-def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None):
-    """Load a config of class `cls` from YAML (or a dict), apply overrides, validate."""
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None,
+                stored: bool = False):
+    """Load a config of class `cls` from YAML (or a dict), apply overrides, validate. `stored`: the config was
+    written by danlab (a run folder's config.yaml), so keys renamed since are upgraded rather than refused."""
     data = dict(data or {}) if path is None else read_yaml(path)
-    return validate(cls, apply_overrides(data, overrides or []))
+    return validate(cls, apply_overrides(upgrade_renamed(data) if stored else data, overrides or []))
+
+
+# section.old -> new, for every key renamed since earlier versions
+RENAMED = {"model.steps": "substeps", "train.steps": "max_steps", "train.Ne": "N"}
+
+
+def upgrade_renamed(data):
+    """A config dict written by an earlier version (a run's config.yaml, a sidecar's `trained_with`) with the
+    renamed keys under their new names; anything else unchanged (and anything not a mapping returned as is)."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for path, new in RENAMED.items():
+        sec, old = path.split(".")
+        section = out.get(sec)
+        if isinstance(section, dict) and old in section and new not in section:
+            section = dict(section)
+            section[new] = section.pop(old)
+            out[sec] = section
+    return out
 
 
 def to_yaml(cfg: BaseModel) -> str:

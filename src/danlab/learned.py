@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, PrivateAttr, ValidationError
 
+from danlab.config import upgrade_renamed
 from danlab.filters.base import Filter
 from danlab.nets import AnalysisNet, NetConfig, build_net
 from danlab.observations import Obs
@@ -51,7 +52,7 @@ def load_net(path: str | Path) -> tuple[AnalysisNet, dict]:
         got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) and "(got " not in e["msg"] else ""
         raise CheckpointError(f"{directory}/model.json: invalid network config: {loc}: "
                               f"{e['msg'].removeprefix('Value error, ')}{got}") from None
-    trained = meta.get("trained_with", {})
+    trained = meta["trained_with"] = upgrade_renamed(meta.get("trained_with", {}))
     bad = ([("trained_with", trained)] if not isinstance(trained, dict) else
            [(f"trained_with.{k}", trained[k]) for k in ("model", "observations", "train", "net")
             if k in trained and not isinstance(trained[k], dict)])

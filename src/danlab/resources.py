@@ -116,17 +116,17 @@ def train_memory_terms(cfg) -> list[tuple[int, str, list[str]]]:
     """The main memory terms of a training run (TrainRunConfig): the autograd graph of the N_iter unrolled cycles
     (RK4 stages and the network's activations per cycle) and the validation run, as (bytes, what, knobs)."""
     t, n, Nx = cfg.train, cfg.net, int(cfg.model.Nx)
-    per_state = 12 * int(cfg.model.steps) + 2 * int(n.Nf) * (int(n.Nbl) * int(n.Nl) + 2)  # floats kept per site
-    graph = 4 * int(t.Nt) * int(t.Ne) * Nx * int(t.N_iter) * per_state
-    val = 4 * 4 * int(t.val_cycles) * int(t.val_batch) * 8 + 4 * int(t.val_batch) * int(t.Ne) * Nx * 4 * int(n.Nf)
-    return sorted([(graph, f"the unrolled cycles' autograd graph ({t.Nt} trajectories × Ne {t.Ne} × Nx {Nx} × "
+    per_state = 12 * int(getattr(cfg.model, "substeps", 1)) + 2 * int(n.Nf) * (int(n.Nbl) * int(n.Nl) + 2)  # floats kept per site
+    graph = 4 * int(t.Nt) * int(t.N) * Nx * int(t.N_iter) * per_state
+    val = 4 * 4 * int(t.val_cycles) * int(t.val_batch) * 8 + 4 * int(t.val_batch) * int(t.N) * Nx * 4 * int(n.Nf)
+    return sorted([(graph, f"the unrolled cycles' autograd graph ({t.Nt} trajectories × N {t.N} × Nx {Nx} × "
                            f"N_iter {t.N_iter} × the network's activations)",
-                    ["train.Nt", "train.Ne", "model.Nx", "train.N_iter", "net.Nf"]),
+                    ["train.Nt", "train.N", "model.Nx", "train.N_iter", "net.Nf"]),
                    (val, f"the validation runs ({t.val_batch} × {t.val_cycles} cycles)",
                     ["train.val_cycles", "train.val_batch"])], key=lambda x: -x[0])
 
 
-TYPICAL_TRAIN = {"train.Nt": 256, "train.Ne": 1, "model.Nx": 40, "train.N_iter": 10, "net.Nf": 40,
+TYPICAL_TRAIN = {"train.Nt": 256, "train.N": 1, "model.Nx": 40, "train.N_iter": 10, "net.Nf": 40,
                  "train.val_cycles": 1000, "train.val_batch": 8}
 
 
@@ -139,7 +139,7 @@ def check_train_memory(cfg, available: int | None = None) -> int:
     if total > avail:
         size, what, knobs = terms[0]
         t = cfg.train
-        values = {"train.Nt": t.Nt, "train.Ne": t.Ne, "model.Nx": cfg.model.Nx, "train.N_iter": t.N_iter,
+        values = {"train.Nt": t.Nt, "train.N": t.N, "model.Nx": cfg.model.Nx, "train.N_iter": t.N_iter,
                   "net.Nf": cfg.net.Nf, "train.val_cycles": t.val_cycles, "train.val_batch": t.val_batch}
         knob = max(knobs, key=lambda k: values[k] / TYPICAL_TRAIN[k])
         raise ConfigError(f"{knob}: this training would need about {_fmt(total)} of memory, mostly {what}: "

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from danlab.config import ConfigError, ModelConfig, ObsConfig, validate
+from danlab.config import ConfigError, ObsConfig, model_config, validate
 from danlab.cycle import initial_ensemble
 from danlab.diagnostics import errors, expansion, lyapunov, sensitivity, spectra
 from danlab.filters.ensemble import EnKF_N
@@ -95,7 +95,7 @@ def prepare(weights: str | Path, *, cycles: int | None = None, burn_in: int | No
         raise ConfigError(f"{path}: the network was trained on model {mdata.get('name')!r}; analyse needs a Lorenz 96 network")
     if nx is not None:
         mdata["Nx"] = nx
-    mcfg = validate(ModelConfig, mdata)
+    mcfg = model_config(mdata)
     ocfg = validate(ObsConfig, dict(trained.get("observations") or {}))
     try:
         observer = ocfg.build(mcfg.Nx)

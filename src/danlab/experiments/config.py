@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Union
 import torch
 from pydantic import Field, model_validator
 
-from danlab.config import ModelConfig, ObsConfig, Strict
+from danlab.config import MODEL_FIELD, ModelConfig, ObsConfig, Strict
 from danlab.filters.ensemble import EnKF, EnKF_N, ETKF
 from danlab.filters.iterative import IEnKF, IEnKS
 from danlab.filters.variational import Var3D, Var4D
@@ -29,7 +29,7 @@ class RunConfig(Strict):
                                 "where more threads only cost, above all beside other busy processes; else all cores)")
     init_std: float = Field(1.0, ge=0, description="std of the initial ensemble around the truth")
     divergence_factor: float = Field(1.2, gt=0, description="flag a run whose analysis RMSE exceeds this times the truth's climatological spread (a lost filter sits near 1.4)")
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = MODEL_FIELD
     observations: ObsConfig = ObsConfig()
     filter: FilterConfig = Field(default_factory=lambda: EnKF_N(method="enkf_n"))
 
@@ -61,4 +61,4 @@ def learned_eval_data(trained: dict, checkpoint: str, *, seed: int = 0, cycles: 
         model["Nx"] = Nx
     return {"seed": seed, "cycles": cycles, "burn_in": min(burn_in, cycles - 1), "batch": batch, "dtype": "float32",
             "model": model, "observations": dict(trained.get("observations", {})),
-            "filter": {"method": "learned", "checkpoint": str(checkpoint), "N": N if N is not None else trained.get("train", {}).get("Ne", 1)}}
+            "filter": {"method": "learned", "checkpoint": str(checkpoint), "N": N if N is not None else trained.get("train", {}).get("N", 1)}}

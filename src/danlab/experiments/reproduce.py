@@ -216,7 +216,7 @@ def reproduce_window(out: Path, quick: bool, weights: str = "l96_nf40_ne1", thre
     b = budget or (WINDOW_QUICK if quick else WINDOW_FULL)
     rows = []
     for dt in WINDOW_DTS:
-        model = [f"model.steps={round(dt / 0.05)}"]
+        model = [f"model.substeps={round(dt / 0.05)}"]
 
         def add(method, lag, s):
             rows.append({"dt": dt, "method": method, "lag": lag, "armse": s["armse"], "armse_ci": s["armse_ci"],

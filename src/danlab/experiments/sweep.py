@@ -15,8 +15,8 @@ A sweep file (YAML)::
       batch: 8
       burn_in: 500
     budgets:                   # optional named override lists (list or mapping, like `set`), applied after `set`
-      reduced: ["train.steps=300", "evaluate.cycles=2000"]
-      full: ["train.steps=20000", "evaluate.cycles=10000"]
+      reduced: ["train.max_steps=300", "evaluate.cycles=2000"]
+      full: ["train.max_steps=20000", "evaluate.cycles=10000"]
     score: armse               # the summary key the figure plots (default armse)
 
 What a point does:
@@ -25,7 +25,7 @@ What a point does:
          aRMSE, and the best hyperparameters are kept (variables `best_<key>` in the results).
   train  trainer.train(TrainRunConfig) in <sweep>/train-<hash>/, then the best network (train-<hash>/best)
          is evaluated with runner.run_experiment on a RunConfig built like `danlab eval`: model and
-         observations of the training, filter {method: learned, checkpoint, N: train.Ne}, defaults
+         observations of the training, filter {method: learned, checkpoint, N: train.N}, defaults
          seed 0, cycles 10000, burn_in 500, batch 8, then the `evaluate` block on top. Keys that start
          with `evaluate.` (in `set`, budgets or the grid) apply to that evaluation config only, e.g. an axis
          `evaluate.observations.fraction` evaluates one trained network at several observation densities.

@@ -11,28 +11,28 @@ import torch
 class Lorenz96:
     """Lorenz 96 integrated by RK4.
 
-    `dt` is the integration step and `steps` the number of RK4 steps per observation
-    interval, so the forecast between two cycles spans Δt = steps * dt.
+    `dt` is the integration step and `substeps` the number of RK4 steps per observation
+    interval, so the forecast between two cycles spans Δt = substeps * dt.
     Works on any tensor of shape (..., Nx), any float dtype, and is differentiable.
     """
 
     Nx: int = 40
     F: float = 8.0
     dt: float = 0.05
-    steps: int = 1
+    substeps: int = 1
 
     def __post_init__(self):
         if self.Nx < 4:
             raise ValueError(f"Lorenz96.Nx must be >= 4 (got {self.Nx})")
         if not self.dt > 0:
             raise ValueError(f"Lorenz96.dt must be > 0 (got {self.dt})")
-        if self.steps < 1:
-            raise ValueError(f"Lorenz96.steps must be >= 1 (got {self.steps})")
+        if self.substeps < 1:
+            raise ValueError(f"Lorenz96.substeps must be >= 1 (got {self.substeps})")
 
     @property
     def Dt(self) -> float:
         """Time between two observations (one cycle)."""
-        return self.dt * self.steps
+        return self.dt * self.substeps
 
     def tendency(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.Nx:
@@ -52,7 +52,7 @@ class Lorenz96:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Forecast over one observation interval Δt."""
-        for _ in range(self.steps):
+        for _ in range(self.substeps):
             x = self.step(x)
         return x
 

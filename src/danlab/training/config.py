@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from danlab.config import ModelConfig, ObsConfig, Strict
+from danlab.config import MODEL_FIELD, ModelConfig, ObsConfig, Strict
 from danlab.nets import NetConfig
 
 
 class TrainConfig(Strict):
+    renamed: ClassVar[dict[str, str]] = {"steps": "max_steps", "Ne": "N"}
     Nt: int = Field(256, ge=1, description="concurrent training trajectories (batch)")
-    Ne: int = Field(1, ge=1, description="ensemble size")
+    N: int = Field(1, ge=1, description="ensemble size (Ne in the paper; 1: a single state)")
     N_iter: int = Field(10, ge=1, description="chained DA cycles backpropagated through per step")
-    steps: int = Field(20_000, ge=1, description="optimiser steps")
+    max_steps: int = Field(20_000, ge=1, description="optimiser steps of the run")
     lr: float = Field(1e-3, gt=0)
     lr_min: float = Field(1e-5, ge=0, description="learning rate at the end of the cosine decay")
     warmup: int = Field(200, ge=0, description="linear warm-up steps")
@@ -57,14 +58,14 @@ class TrainConfig(Strict):
             raise ValueError(f"lr_min must be <= lr (got {self.lr_min} > {self.lr})")
         if (self.teacher_weight > 0 or self.distill_steps > 0) and self.loss != "supervised":
             raise ValueError(f"teacher_weight > 0 and distill_steps > 0 need loss: supervised (got loss: {self.loss})")
-        if self.distill_steps > 0 and self.Ne > self.teacher_N:
-            raise ValueError(f"distill_steps > 0 needs Ne <= teacher_N (got Ne {self.Ne} > teacher_N {self.teacher_N})")
+        if self.distill_steps > 0 and self.N > self.teacher_N:
+            raise ValueError(f"distill_steps > 0 needs N <= teacher_N (got N {self.N} > teacher_N {self.teacher_N})")
         return self
 
 
 class TrainRunConfig(Strict):
     seed: int = 0
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = MODEL_FIELD
     observations: ObsConfig = ObsConfig()
     net: NetConfig = NetConfig()
     train: TrainConfig = TrainConfig()

@@ -114,8 +114,8 @@ def _export_into(out: Path, dest: Path, run_dir: Path, src: Path, meta: dict, ev
     t = trained["train"]
     atomic_write_text(out / "README.md", (
         f"# {dest.name}\n\nLearned analysis a_θ ({trained['net']['kind']}, N_f {trained['net']['Nf']}, "
-        f"{trained['net']['Nbl']} blocks × {trained['net']['Nl']} layers, kernel {trained['net']['kernel']}), Ne = {t['Ne']}, "
-        f"trained on Lorenz 96 (Nx {trained['model']['Nx']}, F {trained['model']['F']}, Δt {trained['model']['dt'] * trained['model']['steps']}, "
+        f"{trained['net']['Nbl']} blocks × {trained['net']['Nl']} layers, kernel {trained['net']['kernel']}), Ne = {t['N']}, "
+        f"trained on Lorenz 96 (Nx {trained['model']['Nx']}, F {trained['model']['F']}, Δt {trained['model']['dt'] * trained['model']['substeps']}, "
         f"{trained['observations']['kind']} observations, σ = {trained['observations']['sigma']}).\n\n"
         f"- trained: {meta['step']} steps of N_t = {t['Nt']} trajectories × N_iter = {t['N_iter']} cycles, "
         f"{meta['wall_s'] / 3600:.2f} h wall-clock on {meta.get('device', 'cpu')} ({meta.get('threads')} threads), seed {trained['seed']}, "

@@ -33,6 +33,8 @@ import copy
 import csv
 import io
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from danlab.config import to_yaml
+from danlab.config import to_yaml, upgrade_renamed
 from danlab.cycle import initial_ensemble, run_cycles
 from danlab.filters.ensemble import EnKF_N
 from danlab.learned import Learned, save_net
@@ -54,7 +56,8 @@ from danlab.twin import TwinStream
 
 TRAIN_FORMAT = "danlab-train/1"
 # knobs that change how a run executes, not what it computes: they may differ when resuming
-RUNTIME_KNOBS = {"device", "threads", "bf16", "compile", "checkpoint_every_s", "log_every", "val_every", "val_every_s"}
+RUNTIME_KNOBS = {"train.device", "train.threads", "train.bf16", "train.compile", "train.checkpoint_every_s",
+                 "train.log_every", "train.val_every", "train.val_every_s"}
 # the learning-rate schedule of the steps still to come may change too (a warm restart, a longer or shorter
 # decay); the state (parameters, Adam moments, trajectories, RNGs) carries over unchanged, and every such
 # change is recorded in the run's schedule history, which goes into the provenance of exported weights;
@@ -63,29 +66,70 @@ RUNTIME_KNOBS = {"device", "threads", "bf16", "compile", "checkpoint_every_s", "
 # Nt the first min(old, new) trajectories carry over and fresh ones, spun up from the run's seed, fill the batch
 # the teacher's weight in the target may change too (e.g. to 0 for the final decay); a teacher switched on at a
 # resume starts from fresh ensembles around the current truths
-SCHEDULE_KNOBS = {"steps", "lr", "lr_min", "warmup", "lr_head", "ema", "Nt", "teacher_weight", "distill_steps"}
+SCHEDULE_KNOBS = {"train.max_steps", "train.lr", "train.lr_min", "train.warmup", "train.lr_head", "train.ema", "train.Nt",
+                  "train.teacher_weight", "train.distill_steps"}
 HEAD = ("out.", "gain")  # parameters whose learning rate is lr × lr_head
 # val_armse is the validated (and saved) network's: the averaged one when ema > 0, whose raw weights score val_raw_armse
 METRICS = ["step", "wall_s", "lr", "loss", "train_rmse", "resets", "skipped", "val_armse", "val_ci", "val_raw_armse"]
 
 
 def _science(cfg) -> dict:
-    """A config dict flattened to 'section.key' entries, without the runtime knobs."""
+    """A config dict flattened to 'section.key' entries (keys renamed since upgraded), without the runtime and
+    schedule knobs, which are named by their dotted path: `model.substeps` is physics, `train.max_steps` is not."""
     if not isinstance(cfg, dict):
         return {}
     out = {}
-    for sec, val in cfg.items():
+    for sec, val in upgrade_renamed(cfg).items():
         for k, v in (val.items() if isinstance(val, dict) else [("", val)]):
-            if k not in RUNTIME_KNOBS | SCHEDULE_KNOBS:
-                out[f"{sec}.{k}" if k else sec] = v
+            key = f"{sec}.{k}" if k else sec
+            if key not in RUNTIME_KNOBS | SCHEDULE_KNOBS:
+                out[key] = v
     return out
+
+
+class _StopOnSignal:
+    """While training, SIGINT and SIGTERM only ask the loop to stop after the current step (which then
+    checkpoints), so an interrupted run loses nothing; a second signal interrupts at once. In the main thread only
+    (signal handlers cannot be set elsewhere, e.g. in a Dask worker's thread)."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._ask) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _ask(self, signum, frame):
+        if self.signal:  # the second time: stop now
+            self.restore()
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.old = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def _with_defaults(saved):
+    """A run's saved config with the knobs added since it was written at their defaults (a new knob's default is
+    the behaviour before it existed); as saved if it no longer validates (the comparison then names the keys)."""
+    try:
+        return TrainRunConfig.model_validate(upgrade_renamed(saved)).model_dump(mode="json")
+    except (ValueError, TypeError):
+        return saved
 
 
 def lr_at(step: int, tc) -> float:
     """Linear warm-up, then cosine decay from lr to lr_min over the remaining steps."""
     if step < tc.warmup:
         return tc.lr * (step + 1) / tc.warmup
-    t = (step - tc.warmup) / max(tc.steps - tc.warmup, 1)
+    t = (step - tc.warmup) / max(tc.max_steps - tc.warmup, 1)
     return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
@@ -120,7 +164,7 @@ def validate(cfg: TrainRunConfig, net, cycles: int | None = None) -> tuple[float
     twin = TwinStream(model, observer, tc.val_batch, tc.val_seed, ids=ids, dtype=torch.float32, device=tc.device)
     was_training = net.training
     net.eval()
-    res = run_cycles(Learned.from_net(net, tc.Ne), model, twin, cycles or tc.val_cycles, tc.val_burn_in,
+    res = run_cycles(Learned.from_net(net, tc.N), model, twin, cycles or tc.val_cycles, tc.val_burn_in,
                      seed=tc.val_seed, ids=ids, init_std=tc.init_std)
     net.train(was_training)
     s = res.scores()
@@ -149,7 +193,7 @@ class Trainer:
         self.avg = copy.deepcopy(self.net).requires_grad_(False) if tc.ema else None
         self.twin = TwinStream(self.model, self.observer, tc.Nt, cfg.seed, ids=None, dtype=torch.float32, device=tc.device)
         self.reset_rng = BatchRNG(cfg.seed, "reset", tc.Nt)
-        self.E = initial_ensemble(self.twin.x, tc.Ne, BatchRNG(cfg.seed, "init", tc.Nt), tc.init_std)
+        self.E = initial_ensemble(self.twin.x, tc.N, BatchRNG(cfg.seed, "init", tc.Nt), tc.init_std)
         self.threshold = tc.reset_factor * float(self.twin.x.std())
         self.teacher = EnKF_N(N=tc.teacher_N, xN=tc.teacher_xN) if tc.teacher_weight > 0 or tc.distill_steps > 0 else None
         self.teacher_rng = BatchRNG(cfg.seed, "teacher", tc.Nt)
@@ -157,7 +201,7 @@ class Trainer:
         self.step, self.wall_s, self.best = 0, 0.0, float("inf")
         self.history: list[dict] = []  # schedule changes made on resume: [{"step": s, "set": {knob: value}}]
         # the analysis is the learned filter's own, compiled or not
-        self.filter = Learned.from_net(torch.compile(self.net) if tc.compile else self.net, tc.Ne)
+        self.filter = Learned.from_net(torch.compile(self.net) if tc.compile else self.net, tc.N)
 
     def param_groups(self) -> list[dict]:
         """Adam's groups: the body at lr, the head (output layer and gain) at lr × lr_head."""
@@ -194,9 +238,9 @@ class Trainer:
 
     def load(self) -> None:
         t, meta = read_checkpoint(self.dir, "checkpoint", TRAIN_FORMAT)
-        saved, now = _science(meta.get("config")), _science(self.cfg.model_dump(mode="json"))
+        saved, now = _science(_with_defaults(meta.get("config"))), _science(self.cfg.model_dump(mode="json"))
         if saved != now:
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k, "absent") != now.get(k, "absent"))
             raise CheckpointError(f"{self.dir}/checkpoint.json: saved with a different config ({', '.join(diff)} differ)")
         try:
             load_state_strict(self.net, {k[4:]: v for k, v in t.items() if k.startswith("net.")}, str(self.dir))
@@ -239,10 +283,10 @@ class Trainer:
         self.step, self.wall_s = int(meta["step"]), float(meta["wall_s"])
         self.best, self.threshold = float(meta["best_val_armse"]), float(meta["threshold"])
         self.history = list(meta.get("schedule_history", []))
-        old = meta["config"]["train"]
-        default = {k: type(self.cfg.train).model_fields[k].default for k in SCHEDULE_KNOBS}  # knobs newer than the run
-        changed = {k: getattr(self.cfg.train, k) for k in sorted(SCHEDULE_KNOBS)
-                   if old.get(k, default[k]) != getattr(self.cfg.train, k)}
+        old = upgrade_renamed(meta["config"])["train"]
+        knobs = sorted(k.removeprefix("train.") for k in SCHEDULE_KNOBS)
+        default = {k: type(self.cfg.train).model_fields[k].default for k in knobs}  # knobs newer than the run
+        changed = {k: getattr(self.cfg.train, k) for k in knobs if old.get(k, default[k]) != getattr(self.cfg.train, k)}
         if changed:
             self.history.append({"step": self.step, "set": changed})
 
@@ -281,7 +325,7 @@ class Trainer:
         tc = self.cfg.train
         x, obs = self.twin.step()
         target, EfT = self.teacher_target(x, obs)
-        Ef = EfT.mean(1, keepdim=True) if tc.Ne == 1 else EfT[:, :tc.Ne]
+        Ef = EfT.mean(1, keepdim=True) if tc.N == 1 else EfT[:, :tc.N]
         with torch.no_grad():
             Ef_own = self.model(self.E)
         with self._amp():
@@ -356,7 +400,7 @@ class Trainer:
             bad = ~torch.isfinite(E).flatten(1).all(1) | ~(far < self.threshold)
             n_bad = int(bad.sum())
             if n_bad:
-                fresh = initial_ensemble(base, tc.Ne, self.reset_rng, tc.init_std)
+                fresh = initial_ensemble(base, tc.N, self.reset_rng, tc.init_std)
                 E = torch.where(bad.view(-1, 1, 1), fresh, E)
             self.E = E
         self.step += 1
@@ -401,60 +445,62 @@ class Trainer:
             atomic_write_text(path, buf.getvalue())
 
     def run(self, stop_after: int | None = None, progress: bool = True, max_wall_s: float | None = None) -> dict:
-        """Train until cfg.train.steps (or `stop_after` more steps, or until the run's training wall-clock reaches
+        """Train until cfg.train.max_steps (or `stop_after` more steps, or until the run's training wall-clock reaches
         `max_wall_s`, validating there); checkpoints on the way and at the end."""
         tc = self.cfg.train
         self._trim_metrics()
-        end = tc.steps if stop_after is None else min(tc.steps, self.step + stop_after)
+        end = tc.max_steps if stop_after is None else min(tc.max_steps, self.step + stop_after)
         t_start, last_ckpt = time.perf_counter(), time.perf_counter()
         last_val = t_start
         wall0 = self.wall_s
         loss_ema = rmse_ema = None
         resets = skipped = 0
-        bar = tqdm(total=tc.steps, initial=self.step, disable=not progress, desc="train", mininterval=2.0)
-        while self.step < end:
-            loss, r, n_bad, ok = self.train_step()
-            resets += n_bad
-            skipped += 0 if ok else 1
-            if ok:
-                loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
-            if math.isfinite(r):
-                rmse_ema = r if rmse_ema is None else 0.95 * rmse_ema + 0.05 * r
-            self.wall_s = wall0 + time.perf_counter() - t_start
-            row = None
-            if self.step % tc.log_every == 0:
-                row = {"step": self.step, "wall_s": f"{self.wall_s:.1f}", "lr": f"{lr_at(self.step - 1, tc):.3g}",
-                       "loss": f"{loss:.5g}", "train_rmse": f"{r:.4f}", "resets": resets, "skipped": skipped}
-                resets = skipped = 0
-            out_of_time = max_wall_s is not None and self.wall_s >= max_wall_s
-            if (self.step % tc.val_every == 0 or self.step == tc.steps or out_of_time
-                    or (tc.val_every_s is not None and time.perf_counter() - last_val >= tc.val_every_s)):
-                last_val = time.perf_counter()
-                va, ci = validate(self.cfg, self.kept)
-                row = (row or {"step": self.step, "wall_s": f"{self.wall_s:.1f}"}) | {"val_armse": f"{va:.4f}", "val_ci": f"{ci:.4f}"}
-                if self.avg is not None:
-                    row["val_raw_armse"] = f"{validate(self.cfg, self.net)[0]:.4f}"
-                if va < self.best:
-                    self.best = va
-                    save_net(self.dir / "best", self.kept, self.provenance(va, ci))
-                bar.set_postfix_str(f"val {va:.3f}", refresh=False)
-            if row:
-                self.log(row)
-                if "val_armse" in row:  # the curve so far, beside the metrics
-                    import pandas as pd
-                    plot_curve(pd.read_csv(self.dir / "metrics.csv"), self.dir / "curve.png",
-                               f"{self.dir.name}: validation aRMSE during training")
-            bar.update(1)
-            if loss_ema is not None and rmse_ema is not None:
-                bar.set_postfix_str(f"loss {loss_ema:.4f} rmse {rmse_ema:.3f} best {self.best:.3f}", refresh=False)
-            if time.perf_counter() - last_ckpt > tc.checkpoint_every_s:
-                self.save()
-                last_ckpt = time.perf_counter()
-            if out_of_time:
-                break
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not progress, desc="train", mininterval=2.0)
+        with _StopOnSignal() as stop:  # Ctrl-C or a SIGTERM (a scheduler's preemption): checkpoint after this step, then stop
+            while self.step < end and not stop.signal:
+                loss, r, n_bad, ok = self.train_step()
+                resets += n_bad
+                skipped += 0 if ok else 1
+                if ok:
+                    loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
+                if math.isfinite(r):
+                    rmse_ema = r if rmse_ema is None else 0.95 * rmse_ema + 0.05 * r
+                self.wall_s = wall0 + time.perf_counter() - t_start
+                row = None
+                if self.step % tc.log_every == 0:
+                    row = {"step": self.step, "wall_s": f"{self.wall_s:.1f}", "lr": f"{lr_at(self.step - 1, tc):.3g}",
+                           "loss": f"{loss:.5g}", "train_rmse": f"{r:.4f}", "resets": resets, "skipped": skipped}
+                    resets = skipped = 0
+                out_of_time = max_wall_s is not None and self.wall_s >= max_wall_s
+                if (self.step % tc.val_every == 0 or self.step == tc.max_steps or out_of_time
+                        or (tc.val_every_s is not None and time.perf_counter() - last_val >= tc.val_every_s)):
+                    last_val = time.perf_counter()
+                    va, ci = validate(self.cfg, self.kept)
+                    row = (row or {"step": self.step, "wall_s": f"{self.wall_s:.1f}"}) | {"val_armse": f"{va:.4f}", "val_ci": f"{ci:.4f}"}
+                    if self.avg is not None:
+                        row["val_raw_armse"] = f"{validate(self.cfg, self.net)[0]:.4f}"
+                    if va < self.best:
+                        self.best = va
+                        save_net(self.dir / "best", self.kept, self.provenance(va, ci))
+                    bar.set_postfix_str(f"val {va:.3f}", refresh=False)
+                if row:
+                    self.log(row)
+                    if "val_armse" in row:  # the curve so far, beside the metrics
+                        import pandas as pd
+                        plot_curve(pd.read_csv(self.dir / "metrics.csv"), self.dir / "curve.png",
+                                   f"{self.dir.name}: validation aRMSE during training")
+                bar.update(1)
+                if loss_ema is not None and rmse_ema is not None:
+                    bar.set_postfix_str(f"loss {loss_ema:.4f} rmse {rmse_ema:.3f} best {self.best:.3f}", refresh=False)
+                if time.perf_counter() - last_ckpt > tc.checkpoint_every_s:
+                    self.save()
+                    last_ckpt = time.perf_counter()
+                if out_of_time:
+                    break
         bar.close()
         self.save()
-        return {"step": self.step, "wall_s": self.wall_s, "best_val_armse": self.best}
+        return {"step": self.step, "wall_s": self.wall_s, "best_val_armse": self.best} | (
+            {"stopped_by": stop.signal} if stop.signal else {})
 
     def provenance(self, val_armse: float, val_ci: float) -> dict:
         return {"trained_with": self.cfg.model_dump(mode="json"), "step": self.step, "wall_s": round(self.wall_s, 1),
