@@ -13,6 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator, model_validator
 
 from danlab.models import Lorenz96
+from danlab.models.qg_sphere import QGSphere
+from danlab.models.sht import SHT
 from danlab.observations import Observer
 
 
@@ -84,9 +86,66 @@ class Lorenz96Config(Strict):
         return Lorenz96(Nx=self.Nx, F=self.F, dt=self.dt, substeps=self.substeps)
 
 
+class QGConfig(Strict):
+    """Equivalent-barotropic quasi-geostrophic flow on the sphere (`name: qg`), spectral with triangular truncation
+    T, RK4 (models/qg_sphere.py: the equations, units and default setup). The state is the streamfunction on the
+    Gaussian grid, flattened latitude-major: Nx = nlat × nlon (2048 at T21), in 10⁷ m² s⁻¹; time in days."""
+
+    name: Literal["qg"] = Field("qg", description="the model (single-layer QG on the sphere, spherical harmonics, RK4)")
+    T: int = Field(21, ge=1, le=170, description="triangular truncation (T21-T42 intended; ≤ 170: the Legendre "
+                   "recurrence stays within float64)")
+    nlat: int | None = Field(None, ge=2, description="Gaussian latitudes (default: the smallest alias-free, "
+                             "(3T+1)/2 rounded up to even)")
+    nlon: int | None = Field(None, ge=4, description="longitudes (default: the smallest alias-free, 3T+1 rounded up "
+                             "to even)")
+    dt: float = Field(1 / 24, gt=0, description="RK4 step in days")
+    substeps: int = Field(6, ge=1, description="RK4 steps per observation interval (Δt = substeps × dt)")
+    deformation_radius: float | None = Field(2000.0, gt=0, description="L_R in km (null: infinite, barotropic)")
+    drag: float = Field(0.02, ge=0, description="linear drag on the vorticity, per day")
+    jet_relaxation: float = Field(1.0, ge=0, description="relaxation rate of the zonal-mean vorticity to the jets', per day")
+    jet_speed: float = Field(80.0, description="speed of the forced jets, m/s")
+    jet_latitude: float = Field(45.0, ge=0, le=90, description="latitude of the jets (both hemispheres), degrees")
+    jet_width: float = Field(8.0, gt=0, description="e-folding half-width of the jets, degrees")
+    orography: float = Field(0.2, description="height of the wavenumber-2 orography, a fraction of the layer depth")
+    hyperdiffusion: float = Field(1.0, ge=0, description="hyperdiffusion rate at degree T, per day")
+    hyperdiffusion_order: int = Field(4, ge=1, description="order p of the hyperdiffusion (∇²)^p")
+
+    @field_validator("nlat", "nlon")
+    @classmethod
+    def _alias_free(cls, value, info):
+        T = info.data.get("T")
+        if value is None or T is None:
+            return value
+        least = (3 * T + 1) / 2 if info.field_name == "nlat" else 3 * T + 1
+        if value < least:
+            raise ValueError(f"must be >= {least:g} at T{T}, else the nonlinear term aliases (got {value})")
+        if info.field_name == "nlon" and value % 2:
+            raise ValueError(f"must be even (got {value})")
+        return value
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(nlat, nlon), the defaults resolved."""
+        nlat, nlon = SHT.alias_free(self.T)
+        return self.nlat or nlat, self.nlon or nlon
+
+    @property
+    def Nx(self) -> int:
+        nlat, nlon = self.grid
+        return nlat * nlon
+
+    @property
+    def Dt(self) -> float:
+        """Time between two observations, in days."""
+        return self.dt * self.substeps
+
+    def build(self) -> QGSphere:
+        return QGSphere(**self.model_dump(exclude={"name"}))
+
+
 # The dynamics, chosen by `model.name` (lorenz96 when absent). Each member has `Nx` (the state size), `Dt` (the
 # time between observations) and `build()` (the model object).
-MODELS = {"lorenz96": Lorenz96Config}
+MODELS = {"lorenz96": Lorenz96Config, "qg": QGConfig}
 
 
 def _model_tag(value) -> str | None:
