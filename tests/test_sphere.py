@@ -146,3 +146,59 @@ def test_bad_grids_are_refused():
     with pytest.raises(ValueError, match="nlon must be >= 2T \\+ 1"):
         SHT(21, 32, 42)
     assert SHT.alias_free(21) == (32, 64) and SHT.alias_free(42) == (64, 128)
+
+
+# --- the network on the sphere (nets/sphere.py) ------------------------------------------------------------------
+
+def test_sphere_padding_continues_the_field_across_the_poles(t21):
+    """The padded rows are the field's values at the points beyond the pole and the date line: for the smooth field
+    f = x·a (a fixed direction, x the unit vector of the point), the padding equals f at latitude π - φ (north)
+    and longitude λ + π, exactly."""
+    from danlab.nets.sphere import sphere_pad
+    lat, lon = t21.lat, t21.lon
+    a = torch.tensor([0.3, -0.5, 0.8], dtype=torch.float64)
+
+    def f(la, lo):
+        return a[0] * torch.cos(la) * torch.cos(lo) + a[1] * torch.cos(la) * torch.sin(lo) + a[2] * torch.sin(la)
+
+    grid = f(lat[:, None], lon[None, :])
+    p = 2
+    padded = sphere_pad(grid, p)
+    dl = lon[1] - lon[0]
+    lon_p = torch.cat([lon[-p:] - 2 * math.pi, lon, lon[:p] + 2 * math.pi])
+    lat_p = torch.cat([math.pi - lat[:p].flip(0), lat, -math.pi - lat[-p:].flip(0)])  # beyond the poles
+    assert padded.shape == (32 + 2 * p, 64 + 2 * p)
+    assert torch.allclose(padded, f(lat_p[:, None], lon_p[None, :]), atol=1e-14)
+    assert abs(float(dl) - 2 * math.pi / 64) < 1e-15
+
+
+def test_sphere_net_is_equivariant_under_rotation_about_the_axis():
+    """Rolling the input in longitude by any number of grid points rolls the output likewise (the kernel and the
+    pole padding do not prefer a meridian); at initialisation the increment is gain × zeta; gradients reach every
+    parameter."""
+    from danlab.nets import NetConfig, build_net
+    torch.manual_seed(0)
+    net = build_net(NetConfig(kind="sphere", nlat=16, Nf=6, Nbl=1, Nl=2, kernel=3, shift=0.0, scale=10.0)).double()
+    g = torch.Generator().manual_seed(2)
+    E = torch.randn(2, 3, 16 * 32, generator=g, dtype=torch.float64)
+    z = torch.randn(2, 16 * 32, generator=g, dtype=torch.float64)
+    assert torch.allclose(net(E, z), net.gain * z.unsqueeze(1).expand_as(E))
+    torch.nn.init.normal_(net.out.weight, std=0.1)
+
+    def roll(t, s):
+        return t.unflatten(-1, (16, 32)).roll(s, -1).flatten(-2)
+
+    out = net(E, z)
+    for s in (1, 7, 16):
+        assert torch.allclose(net(roll(E, s), roll(z, s)), roll(out, s), atol=1e-12)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_sphere_net_config_is_checked_against_the_grid():
+    from danlab.nets import NetConfig
+    with pytest.raises(ValueError, match="net.nlat: the sphere network needs"):
+        NetConfig(kind="sphere").check_size(2048)
+    with pytest.raises(ValueError, match="net.nlat: model.Nx = 2000"):
+        NetConfig(kind="sphere", nlat=32).check_size(2000)
+    NetConfig(kind="sphere", nlat=32).check_size(2048)
