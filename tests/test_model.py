@@ -32,11 +32,20 @@ def test_rk4_order_and_steps():
 
 @pytest.mark.parametrize("Nx", [4, 20, 160])
 def test_any_size_dtype_and_batch_shape(Nx):
+    """Any (..., Nx) batch and float dtype: the shape and dtype are kept, every member is forecast as if alone,
+    float32 agrees with float64, and a state made of two copies of one of size Nx is forecast as two copies
+    (the model is local and periodic, which is what lets the same code and weights run at other sizes)."""
     m = Lorenz96(Nx=Nx)
+    x64 = 3.0 * torch.randn(3, 2, Nx, dtype=torch.float64, generator=torch.Generator().manual_seed(Nx))
+    y64 = m(x64)
     for dtype in (torch.float32, torch.float64):
-        x = torch.randn(3, 2, Nx, dtype=dtype)
+        x = x64.to(dtype)
         y = m(x)
         assert y.shape == x.shape and y.dtype == dtype
+        torch.testing.assert_close(y[1, 0], m(x[1, 0]), rtol=0, atol=0)
+        torch.testing.assert_close(y, y64.to(dtype), rtol=1e-5, atol=1e-5)
+    double = Lorenz96(Nx=2 * Nx)(torch.cat([x64, x64], -1))
+    torch.testing.assert_close(double, torch.cat([y64, y64], -1), rtol=0, atol=1e-12)
 
 
 def test_invalid_parameters_rejected():

@@ -18,9 +18,17 @@ def _trained_like(cfg: NetConfig):
 @pytest.mark.parametrize("Nx", [20, 40, 160])
 @pytest.mark.parametrize("kind", ["cnn", "linear", "simplified"])
 def test_shapes(Ne, Nx, kind):
-    net = build_net(NetConfig(kind=kind, Nf=8, Nbl=2, Nl=2))
-    out = net(torch.randn(3, Ne, Nx), torch.randn(3, Nx))
+    """(B, Ne, Nx) in and out at any Nx and Ne, each experiment computed as if alone, and the same weights at
+    twice the size: a state made of two copies gives two copies of the increment (fully convolutional with
+    circular padding: the transdimensional transfer rests on this)."""
+    net = _trained_like(NetConfig(kind=kind, Nf=8, Nbl=2, Nl=2))
+    g = torch.Generator().manual_seed(Nx + Ne)
+    E, z = torch.randn(3, Ne, Nx, generator=g, dtype=torch.float64), torch.randn(3, Nx, generator=g, dtype=torch.float64)
+    out = net(E, z)
     assert out.shape == (3, Ne, Nx) and torch.isfinite(out).all()
+    torch.testing.assert_close(out[2:], net(E[2:], z[2:]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(net(E.repeat(1, 1, 2), z.repeat(1, 2)), out.repeat(1, 1, 2), rtol=0, atol=1e-12)
+    assert out.abs().max() > 1e-3  # not the zero map
 
 
 @pytest.mark.parametrize("kind", ["cnn", "linear", "simplified"])
