@@ -12,7 +12,7 @@ from typing import Annotated, ClassVar, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator, model_validator
 
-from danlab.models import Lorenz96
+from danlab.models import KuramotoSivashinsky, Lorenz96
 from danlab.models.qg_sphere import QGSphere
 from danlab.models.sht import SHT
 from danlab.observations import Observer
@@ -86,6 +86,32 @@ class Lorenz96Config(Strict):
         return Lorenz96(Nx=self.Nx, F=self.F, dt=self.dt, substeps=self.substeps)
 
 
+class KSConfig(Strict):
+    """Kuramoto–Sivashinsky (`name: ks`), pseudo-spectral, integrated by ETDRK4; the defaults are the standard setup
+    (Kassam & Trefethen 2005; Bocquet et al. 2019): Nx 128, length 32π, dt 0.5, observed every 2 steps (Δt 1)."""
+
+    name: Literal["ks"] = Field("ks", description="the model (Kuramoto–Sivashinsky, integrated by ETDRK4)")
+    Nx: int = Field(128, ge=4, description="number of grid points (even: the real FFT's Nyquist mode)")
+    length: float = Field(32 * math.pi, gt=0, description="length of the periodic domain")
+    dt: float = Field(0.5, gt=0, description="ETDRK4 step")
+    substeps: int = Field(2, ge=1, description="ETDRK4 steps per observation interval (Δt = substeps × dt)")
+
+    @field_validator("Nx")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"must be even (got {value})")
+        return value
+
+    @property
+    def Dt(self) -> float:
+        """Time between two observations."""
+        return self.dt * self.substeps
+
+    def build(self) -> KuramotoSivashinsky:
+        return KuramotoSivashinsky(Nx=self.Nx, length=self.length, dt=self.dt, substeps=self.substeps)
+
+
 class QGConfig(Strict):
     """Equivalent-barotropic quasi-geostrophic flow on the sphere (`name: qg`), spectral with triangular truncation
     T, RK4 (models/qg_sphere.py: the equations, units and default setup). The state is the streamfunction on the
@@ -145,7 +171,7 @@ class QGConfig(Strict):
 
 # The dynamics, chosen by `model.name` (lorenz96 when absent). Each member has `Nx` (the state size), `Dt` (the
 # time between observations) and `build()` (the model object).
-MODELS = {"lorenz96": Lorenz96Config, "qg": QGConfig}
+MODELS = {"lorenz96": Lorenz96Config, "ks": KSConfig, "qg": QGConfig}
 
 
 def _model_tag(value) -> str | None:
@@ -176,7 +202,7 @@ class ObsConfig(Strict):
 
 
 # discriminator tags that pydantic puts in error locations; dropped from the field names we print
-FILTER_TAGS = frozenset({"enkf", "etkf", "enkf_n", "ienkf", "ienks", "var3d", "var4d", "learned"})
+FILTER_TAGS = frozenset({"enkf", "etkf", "enkf_n", "letkf", "ienkf", "ienks", "var3d", "var4d", "learned"})
 
 
 def _tags() -> frozenset:
