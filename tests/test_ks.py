@@ -124,3 +124,44 @@ def test_grid_and_wavenumbers():
     assert torch.allclose(model.grid, torch.arange(8, dtype=f64) * math.pi / 2)
     assert torch.allclose(model.wavenumbers, torch.arange(5, dtype=f64) * 0.5)
     assert model.Dt == 1.0
+
+
+# ---------------------------------------------------------------- the config (model.name: ks) and the twin
+
+CONFIGS = Path(__file__).parents[1] / "configs" / "ks"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.Nx=127", "model.Nx: must be even (got 127)"),
+    ("model.dt=0", "model.dt: Input should be greater than 0"),
+    ("model.length=-1", "model.length: Input should be greater than 0"),
+    ("filter.radius=0", "filter.radius: Input should be greater than 0"),
+])
+def test_config_refuses_bad_ks(override, message):
+    from danlab.config import ConfigError, load_config
+    from danlab.experiments.config import RunConfig
+    with pytest.raises(ConfigError) as err:
+        load_config(RunConfig, CONFIGS / "letkf.yaml", [override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_unstable_step_refused_in_one_line():
+    from danlab.config import ConfigError, load_config
+    from danlab.experiments.config import RunConfig
+    from danlab.experiments.runner import simulate
+    cfg = load_config(RunConfig, CONFIGS / "etkf.yaml", ["model.dt=1e10", "cycles=5", "burn_in=1"])
+    with pytest.raises(ConfigError, match="the truth blows up") as err:
+        simulate(cfg)
+    assert "\n" not in str(err.value) and "model.F" not in str(err.value)
+
+
+@pytest.mark.parametrize("file, bound", [("etkf.yaml", 0.2), ("letkf.yaml", 0.2)])
+def test_ks_configs_track_the_truth(file, bound):
+    """The shipped configs run and track the truth over a short run (their scores over 10^4 cycles:
+    docs/results/baselines_ks.md, 0.11-0.12; climatology scores 1.3)."""
+    from danlab.config import load_config
+    from danlab.experiments.config import RunConfig
+    from danlab.experiments.runner import simulate, summarize
+    cfg = load_config(RunConfig, CONFIGS / file, ["cycles=150", "burn_in=50"])
+    s = summarize(cfg, simulate(cfg))
+    assert s["n_diverged"] == 0 and s["armse"] < bound
