@@ -158,7 +158,7 @@ def test_unstable_step_refused_in_one_line():
 @pytest.mark.parametrize("file, bound", [("etkf.yaml", 0.2), ("letkf.yaml", 0.2)])
 def test_ks_configs_track_the_truth(file, bound):
     """The shipped configs run and track the truth over a short run (their scores over 10^4 cycles:
-    docs/results/baselines_ks.md, 0.11-0.12; climatology scores 1.3)."""
+    docs/results/ks_baselines.md, 0.11-0.12; climatology scores 1.3)."""
     from danlab.config import load_config
     from danlab.experiments.config import RunConfig
     from danlab.experiments.runner import simulate, summarize
