@@ -48,6 +48,8 @@ RECIPES = {
     "truth-target": (BASE, ["train.distill_steps=0", "train.teacher_weight=0"]),
     "old-default": (BASE, ["train.distill_steps=0", "train.teacher_weight=0", "train.lr_head=1.0", "train.ema=0",
                            "train.warmup=200"]),
+    # observations only (eq. 15): the same windows as truth-target, for the equal-budget comparison of issue 15
+    "semisupervised": (BASE, ["train.distill_steps=0", "train.teacher_weight=0", "train.loss=semisupervised"]),
 }
 
 def machine() -> dict:

@@ -29,9 +29,9 @@ from danlab.models import Lorenz96
 from danlab.nets import NetConfig, build_net
 from danlab.observations import Observer
 from danlab.resources import check_run_memory, run_memory_terms
-from danlab.training.checkpoint import CheckpointError
+from danlab.checkpoint import CheckpointError
 from danlab.training.config import TrainRunConfig
-from danlab.training.export import export
+from danlab.experiments.export import export
 from danlab.twin import TwinStream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def test_export_never_half_writes(tmp_path, monkeypatch):
 
     def fails(*a, **k):
         raise RuntimeError("killed mid-evaluation")
-    monkeypatch.setattr("danlab.training.export.run_experiment", fails)
+    monkeypatch.setattr("danlab.experiments.export.run_experiment", fails)
     with pytest.raises(RuntimeError, match="killed"):
         export(w, dest, cycles=40, burn_in=5, batch=1)
     with pytest.raises(RuntimeError, match="killed"):
@@ -562,3 +562,12 @@ def test_sigterm_checkpoints_the_step_reached_and_the_run_resumes(tmp_path):
     assert result["stopped_by"] == "SIGTERM" and meta["step"] == result["step"] >= 3
     rows = (run / "metrics.csv").read_text().splitlines()
     assert int(rows[-1].split(",")[0]) == meta["step"]  # logged every step here: the last row is the checkpoint's
+
+
+def test_reproduce_outside_a_checkout_is_one_line(tmp_path, capsys, monkeypatch):
+    """The reference configs are read from the repository root the command runs in, never found through the
+    package's install path: elsewhere, one line saying where to run it."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(capsys, "reproduce", "table", "--quick", "--out", tmp_path / "r")
+    assert_one_line_error(rc, err, "run it from the danlab repository root")
+    assert not (tmp_path / "r").exists()

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from danlab.checkpoint import CheckpointError
 from danlab.learned import Learned, load_net, save_net
 from danlab.nets import NetConfig, build_net
-from danlab.training.checkpoint import CheckpointError
 from danlab.training.config import TrainRunConfig
 from danlab.training.trainer import Trainer, lr_at, train, validate
 
@@ -156,8 +156,7 @@ def test_teacher_target_is_the_enkf_n_analysis_mean_on_the_same_observations(tmp
     """With teacher_weight w the target is w x̄^a + (1 - w) x, x̄^a the mean of an EnKF-N (N, xN) cycled on the
     training trajectories' own observations: replayed here by hand from the same initial ensembles."""
     from danlab.filters.ensemble import EnKF_N
-    from danlab.twin import TwinStream
-    cfg = tiny(teacher_weight=0.75, teacher_N=10, teacher_xN=1.5)
+        cfg = tiny(teacher_weight=0.75, teacher_N=10, teacher_xN=1.5)
     tr = Trainer(cfg, tmp_path)
     ET0 = tr.E_teacher.clone()
     twin = TwinStream(tr.model, tr.observer, 16, cfg.seed, ids=None, dtype=torch.float32)
@@ -225,8 +224,7 @@ def test_distillation_steps_regress_the_analysis_of_the_teachers_forecast(tmp_pa
     own carried state, both against the target, the model not differentiated. Replayed by hand from the same
     teacher ensembles, states and weights."""
     from danlab.filters.ensemble import EnKF_N
-    from danlab.twin import TwinStream
-    cfg = tiny(distill_steps=2, teacher_weight=1.0, teacher_N=10)
+        cfg = tiny(distill_steps=2, teacher_weight=1.0, teacher_N=10)
     tr = Trainer(cfg, tmp_path)
     ET, E0, net = tr.E_teacher.clone(), tr.E.clone(), copy.deepcopy(tr.net)
     twin = TwinStream(tr.model, tr.observer, 16, cfg.seed, ids=None, dtype=torch.float32)
@@ -263,8 +261,7 @@ def test_distillation_steps_regress_the_analysis_of_the_teachers_forecast(tmp_pa
 def test_semisupervised_loss_is_eq15_over_every_analysis_of_the_window(tmp_path):
     """L = mean over the N_iter analyses x^a_k of |y_k+1 - H M(x^a_k)|² / Ny, replayed by hand; the last
     observations are then assimilated into the carried state; with N_iter = 1 the loss has a gradient."""
-    from danlab.twin import TwinStream
-    for N_iter in (1, 3):
+        for N_iter in (1, 3):
         cfg = tiny(loss="semisupervised", N_iter=N_iter)
         tr = Trainer(cfg, tmp_path / str(N_iter))
         E0, net = tr.E.clone(), copy.deepcopy(tr.net)
@@ -393,3 +390,16 @@ def test_gpu_continue_plans_a_warm_restart_within_its_budget(tmp_path):
     assert Trainer(cfg, out / "run").E.shape[0] == cfg.train.Nt
     net, side = load_net(out / "final")
     assert side["step"] == meta["step"]
+
+
+def test_semisupervised_keeps_the_latest_network_not_the_truths_choice(tmp_path, monkeypatch):
+    """Trained from observations only, the kept network is the latest validated one: the validation against the
+    truth is monitoring, never a selection that the truth makes (a supervised run keeps the best one)."""
+    import danlab.training.trainer as trainer_module
+    scores = iter([0.30, 0.40, 0.50, 0.60, 0.70, 0.80])  # validation gets worse: a truth-based choice keeps the first
+    monkeypatch.setattr(trainer_module, "validate", lambda cfg, net, cycles=None: (next(scores), 0.01))
+    for loss, kept_step in (("semisupervised", 8), ("supervised", 4)):
+        d = tmp_path / loss
+        train(tiny(loss=loss, ema=0.0), d, progress=False)  # validated at steps 4 and 8
+        assert json.loads((d / "best" / "model.json").read_text())["step"] == kept_step
+

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from danlab.config import ConfigError, load_config
 from danlab.io import OutputError, check_output_dir
-from danlab.training.checkpoint import CheckpointError
+from danlab.checkpoint import CheckpointError
 
 
 def _default_out(kind: str) -> Path:
@@ -123,7 +123,7 @@ def cmd_sweep(a) -> int:
 
 def cmd_export(a) -> int:
     from danlab.experiments.runner import format_score
-    from danlab.training.export import export
+    from danlab.experiments.export import export
     prov = export(a.run_dir, a.dest, cycles=a.cycles, burn_in=a.burn_in, batch=a.batch, seed=a.seed)
     ev = prov["evaluation"]
     print(f"{a.dest}: aRMSE {format_score(ev | {'experiments': ev['trajectories']})} "
@@ -133,6 +133,7 @@ def cmd_export(a) -> int:
 
 def cmd_reproduce(a) -> int:
     from danlab.experiments import reproduce as rp
+    rp.check_layout()
     out = check_output_dir(Path(a.out) if a.out else _default_out(f"reproduce-{a.what}"))
     if a.threads:
         import torch

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from pydantic import Field, PrivateAttr, ValidationError
 
+from danlab.checkpoint import CheckpointError, load_state_strict, read_checkpoint, write_checkpoint
 from danlab.config import upgrade_renamed
 from danlab.filters.base import Filter
 from danlab.nets import AnalysisNet, NetConfig, build_net

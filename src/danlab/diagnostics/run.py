@@ -35,7 +35,7 @@ from danlab.metrics import mean_with_ci, rmse
 from danlab.rng import BatchRNG, make_generator
 from danlab.twin import TwinStream
 
-WEIGHTS = Path(__file__).resolve().parents[3] / "weights"
+WEIGHTS = Path("weights")  # the shipped weights, named relative to the repository root the command runs in
 N_LEAD = 10  # the leading modes the reference work compares
 
 

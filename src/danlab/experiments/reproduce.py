@@ -14,15 +14,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from danlab.config import load_config
+from danlab.config import ConfigError, load_config
 from danlab.experiments.config import RunConfig, learned_eval_data
 from danlab.experiments.runner import format_score, run_experiment, tune_on_seed
 from danlab.io import atomic_write_text, write_json
 from danlab.learned import load_net, resolve_net_dir
 
-ROOT = Path(__file__).resolve().parents[3]
-CONFIGS = ROOT / "configs" / "l96"
-WEIGHTS = ROOT / "weights"
+# The reference configs and the shipped weights are the project's files, read from the folder the command runs in
+# (the repository root: `make demo` runs there), never located through where this package is installed.
+CONFIGS = Path("configs") / "l96"
+WEIGHTS = Path("weights")
+
+
+def check_layout() -> None:
+    """Refuse, in one line, to start a reproduction outside a danlab checkout (no reference configs to run)."""
+    if not (CONFIGS / "enkf_n.yaml").is_file():
+        raise ConfigError(f"reproduce: no {CONFIGS}/enkf_n.yaml in {Path.cwd()}: run it from the danlab repository root")
 VAR3D_GRID = "scale=0.01,0.015,0.02,0.025,0.03,0.04,0.05,0.07,0.1"
 
 

@@ -42,6 +42,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from danlab.checkpoint import (CheckpointError, atomic_write_text, code_version, load_state_strict, read_checkpoint,
+                               write_checkpoint)
 from danlab.config import to_yaml, upgrade_renamed
 from danlab.cycle import initial_ensemble, run_cycles
 from danlab.filters.ensemble import EnKF_N
@@ -49,8 +51,6 @@ from danlab.learned import Learned, save_net
 from danlab.metrics import rmse
 from danlab.nets import build_net
 from danlab.rng import BatchRNG, make_generator
-from danlab.training.checkpoint import (CheckpointError, atomic_write_text, code_version, load_state_strict,
-                                        read_checkpoint, write_checkpoint)
 from danlab.training.config import TrainRunConfig
 from danlab.twin import TwinStream
 
@@ -479,7 +479,9 @@ class Trainer:
                     row = (row or {"step": self.step, "wall_s": f"{self.wall_s:.1f}"}) | {"val_armse": f"{va:.4f}", "val_ci": f"{ci:.4f}"}
                     if self.avg is not None:
                         row["val_raw_armse"] = f"{validate(self.cfg, self.net)[0]:.4f}"
-                    if va < self.best:
+                    # the kept network is the best validated one; trained from observations only, the latest (its
+                    # validation against the truth is monitoring only, never a choice that the truth makes)
+                    if va < self.best or tc.loss == "semisupervised":
                         self.best = va
                         save_net(self.dir / "best", self.kept, self.provenance(va, ci))
                     bar.set_postfix_str(f"val {va:.3f}", refresh=False)
