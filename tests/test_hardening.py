@@ -571,3 +571,15 @@ def test_reproduce_outside_a_checkout_is_one_line(tmp_path, capsys, monkeypatch)
     rc, _, err = run_cli(capsys, "reproduce", "table", "--quick", "--out", tmp_path / "r")
     assert_one_line_error(rc, err, "run it from the danlab repository root")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_filter_without_an_analysis_says_so():
+    """Filter.analysis is the base's (a mutant run found it dead, indented after a return in another function)."""
+    from danlab.filters.base import Filter
+    from danlab.models import Lorenz96
+
+    class NoAnalysis(Filter):
+        pass
+
+    with pytest.raises(NotImplementedError, match="NoAnalysis does not implement an analysis"):
+        NoAnalysis(N=2).cycle(torch.zeros(1, 2, 8, dtype=torch.float64), Lorenz96(Nx=8), None, None)

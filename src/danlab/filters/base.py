@@ -124,6 +124,10 @@ class Filter(BaseModel):
         Ef = model(E)
         return Ef, self.analysis(Ef, obs, rng)
 
+    def analysis(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
+        """The analysis ensemble from the forecast E (B, N, Nx) and this cycle's observations."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement an analysis")
+
     # The DA loop drives every filter through start/step/restart. A filter is a function of the previous
     # analysis alone, so its carried state is that analysis; a smoother over a window (`WindowFilter`)
     # carries more, and also returns its smoothed ensemble, `lag` cycles back.
@@ -221,6 +225,3 @@ def window_run(model, E: torch.Tensor, n: int) -> list[torch.Tensor]:
         E = model(E)
         out.append(E)
     return out
-
-    def analysis(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} does not implement an analysis")
