@@ -151,3 +151,46 @@ def test_distances_are_great_circle():
     i = model.nlat // 2
     assert abs(D[i * 32, i * 32 + 1] - 6371.0 * math.acos(math.cos(model.sht.lat[i]) ** 2 * math.cos(2 * math.pi / 32)
                                                          + math.sin(model.sht.lat[i]) ** 2)) < 1e-6
+
+
+# --- config and the DA loop on the sphere ------------------------------------------------------------------------
+
+def test_config_builds_the_model_and_refuses_bad_grids():
+    cfg = model_config({"name": "qg"})
+    assert cfg.Nx == 2048 and cfg.Dt == 0.25 and cfg.build().grid_shape == (32, 64)
+    assert model_config({"name": "qg", "T": 42}).Nx == 64 * 128
+    assert model_config({"name": "qg", "deformation_radius": None}).build().deformation_radius is None
+    for bad, key in [({"T": 0}, "T"), ({"nlat": 24}, "nlat: must be >= 32 at T21"), ({"nlon": 63}, "nlon: must be >= 64"),
+                     ({"nlon": 65}, "nlon: must be even"), ({"deformation_radius": 0}, "deformation_radius"),
+                     ({"dt": 0}, "dt"), ({"T": 42, "nlat": 32}, "nlat: must be >= 63.5 at T42")]:
+        with pytest.raises(ConfigError, match=key):
+            model_config({"name": "qg", **bad})
+
+
+@pytest.mark.parametrize("path", ["var3d", "enkf_n", "etkf", "dan_ne1"])
+def test_shipped_configs_load(path):
+    from pathlib import Path
+
+    from danlab.config import load_config
+    from danlab.experiments.config import RunConfig
+    from danlab.training.config import TrainRunConfig
+    f = Path(__file__).resolve().parents[1] / "configs" / "qg" / f"{path}.yaml"
+    cfg = load_config(TrainRunConfig if path.startswith("dan") else RunConfig, f)
+    assert cfg.model.name == "qg" and cfg.model.Nx == 2048
+
+
+@pytest.mark.parametrize("filt", [{"method": "var3d", "scale": 0.3, "homogeneous": False, "clim_trajectories": 2,
+                                   "clim_cycles": 20},
+                                  {"method": "enkf_n", "N": 10}])
+def test_filters_cycle_on_the_sphere(filt):
+    """The whole DA loop on a small sphere (T5, 8 x 16 grid) with random grid points observed: the filter's analysis
+    is closer to the truth than the free ensemble mean would be (the climatological spread) and finite."""
+    from danlab.config import load_config
+    from danlab.experiments.config import RunConfig
+    from danlab.experiments.runner import simulate
+    cfg = load_config(RunConfig, data={"cycles": 30, "burn_in": 10, "model": {"name": "qg", "T": 5, "dt": 0.125, "substeps": 2},
+                                       "observations": {"kind": "random", "count": 32, "sigma": 0.5}, "filter": filt})
+    res = simulate(cfg)
+    s = res.scores()
+    assert not s["diverged"] and s["armse"] < 0.5 * 9.6, s  # ψ's climatological std at T21 is 9.6
+
