@@ -144,6 +144,10 @@ METHODS = [
      ["radius=15,25", "infl=1.06,1.1"], "0.14 (radius 25, infl 1.06)"),
     ("LETKF, N=4, tuned radius and inflation", "letkf.yaml", ["filter.N=4"],
      ["radius=10,15", "infl=1.11,1.16"], "0.18 (radius 15, infl 1.11)"),
+    ("local EnKF-N, N=6, radius 15, xN=1", "letkf.yaml",
+     ["filter.N=6", "filter.prior=N", "filter.radius=15", "filter.infl=1.0", "filter.xN=1"], [], "—"),
+    ("local EnKF-N, N=6, radius 15, xN=2", "letkf.yaml",
+     ["filter.N=6", "filter.prior=N", "filter.radius=15", "filter.infl=1.0", "filter.xN=2"], [], "—"),
     ("3D-Var, tuned B scale", "var3d.yaml", [], ["scale=0.02,0.05,0.1,0.2"], "0.5 (optimal interpolation)"),
     ("IEnKF, N=20, tuned inflation", "ienkf.yaml", ["filter.N=20"], ["infl=1.02,1.03,1.05"], "—"),
 ]
@@ -204,7 +208,7 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     return [new.get(m) or old[m] for m, *_ in METHODS if m in new or m in old]
 
 
-def write_table(rows: list[dict], out: Path, stem: str) -> None:
+def write_table(rows: list[dict], out: Path, stem: str, note: str = "") -> None:
     """{stem}.json and {stem}.md from the rows; each row says the command and code that made it."""
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     commands = list(dict.fromkeys(r["command"] for r in rows))
@@ -224,7 +228,8 @@ def write_table(rows: list[dict], out: Path, stem: str) -> None:
             "Gaspari–Cohn half-width, in sites), with blocks of 4 sites as here. Climatology (the mean state) scores "
             "the spatial std of the attractor, 1.3 (docs/results/ks_model.md); DAPPER lists 1.3.\n\n" + table
             + "\nMade by:\n\n" + "".join(f"{i + 1}. `{c}` ({next(r['code'] for r in rows if r['command'] == c)})\n"
-                                          for i, c in enumerate(commands)))
+                                          for i, c in enumerate(commands))
+            + (f"\n{note}\n" if note else ""))
     (out / f"{stem}.md").write_text(text)
     print(text)
 
@@ -236,7 +241,7 @@ def render(a) -> None:
         rows = merge_rows(rows, json.loads(Path(path).read_text()))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_table(rows, out, a.stem)
+    write_table(rows, out, a.stem, a.note or "")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -260,6 +265,7 @@ def main() -> None:
     r = sub.add_parser("render", help="merge the rows of earlier runs into one table")
     r.add_argument("rows", nargs="+", help="JSON files written by `filters` (later files win)")
     r.add_argument("--stem", default="ks_baselines")
+    r.add_argument("--note", help="a paragraph appended to the table (e.g. which runs tuned the values)")
     for p in (m, f, r):
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--out", default=str(ROOT / "docs" / "results"))
