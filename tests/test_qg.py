@@ -194,3 +194,25 @@ def test_filters_cycle_on_the_sphere(filt):
     s = res.scores()
     assert not s["diverged"] and s["armse"] < 0.5 * 9.6, s  # ψ's climatological std at T21 is 9.6
 
+
+
+def test_learned_filter_with_the_sphere_network_cycles():
+    """An (untrained) sphere network as the learned filter on a small sphere (T5, 8 x 16 grid): the DA loop runs it
+    in float32, and its increment at initialisation is the nudging gain x zeta, which keeps the analysis bounded."""
+    from danlab.config import load_config
+    from danlab.cycle import run_cycles
+    from danlab.experiments.config import RunConfig
+    from danlab.learned import Learned
+    from danlab.nets import NetConfig, build_net
+    from danlab.twin import TwinStream
+    cfg = load_config(RunConfig, data={"cycles": 12, "burn_in": 4, "dtype": "float32",
+                                       "model": {"name": "qg", "T": 5, "dt": 0.125, "substeps": 2},
+                                       "observations": {"kind": "random", "count": 64, "sigma": 0.5}})
+    model, observer = cfg.model.build(), cfg.observations.build(cfg.model.Nx)
+    net_cfg = NetConfig(kind="sphere", nlat=8, Nf=4, Nbl=1, Nl=2, kernel=3, shift=0.0, scale=10.0, gain0=0.5)
+    net_cfg.check_size(model.Nx)
+    filt = Learned.from_net(build_net(net_cfg))
+    twin = TwinStream(model, observer, 2, 0, ids=[0, 1], dtype=torch.float32)
+    res = run_cycles(filt, model, twin, cfg.cycles, cfg.burn_in, 0, ids=[0, 1])
+    s = res.scores()
+    assert not s["diverged"] and s["armse"] < 9.6, s
