@@ -156,7 +156,8 @@ def test_teacher_target_is_the_enkf_n_analysis_mean_on_the_same_observations(tmp
     """With teacher_weight w the target is w x̄^a + (1 - w) x, x̄^a the mean of an EnKF-N (N, xN) cycled on the
     training trajectories' own observations: replayed here by hand from the same initial ensembles."""
     from danlab.filters.ensemble import EnKF_N
-        cfg = tiny(teacher_weight=0.75, teacher_N=10, teacher_xN=1.5)
+    from danlab.twin import TwinStream
+    cfg = tiny(teacher_weight=0.75, teacher_N=10, teacher_xN=1.5)
     tr = Trainer(cfg, tmp_path)
     ET0 = tr.E_teacher.clone()
     twin = TwinStream(tr.model, tr.observer, 16, cfg.seed, ids=None, dtype=torch.float32)
@@ -224,7 +225,8 @@ def test_distillation_steps_regress_the_analysis_of_the_teachers_forecast(tmp_pa
     own carried state, both against the target, the model not differentiated. Replayed by hand from the same
     teacher ensembles, states and weights."""
     from danlab.filters.ensemble import EnKF_N
-        cfg = tiny(distill_steps=2, teacher_weight=1.0, teacher_N=10)
+    from danlab.twin import TwinStream
+    cfg = tiny(distill_steps=2, teacher_weight=1.0, teacher_N=10)
     tr = Trainer(cfg, tmp_path)
     ET, E0, net = tr.E_teacher.clone(), tr.E.clone(), copy.deepcopy(tr.net)
     twin = TwinStream(tr.model, tr.observer, 16, cfg.seed, ids=None, dtype=torch.float32)
@@ -261,7 +263,8 @@ def test_distillation_steps_regress_the_analysis_of_the_teachers_forecast(tmp_pa
 def test_semisupervised_loss_is_eq15_over_every_analysis_of_the_window(tmp_path):
     """L = mean over the N_iter analyses x^a_k of |y_k+1 - H M(x^a_k)|² / Ny, replayed by hand; the last
     observations are then assimilated into the carried state; with N_iter = 1 the loss has a gradient."""
-        for N_iter in (1, 3):
+    from danlab.twin import TwinStream
+    for N_iter in (1, 3):
         cfg = tiny(loss="semisupervised", N_iter=N_iter)
         tr = Trainer(cfg, tmp_path / str(N_iter))
         E0, net = tr.E.clone(), copy.deepcopy(tr.net)

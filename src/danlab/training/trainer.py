@@ -345,9 +345,8 @@ class Trainer:
         E, loss = self.E, 0.0
         for _ in range(tc.N_iter):
             x, obs = self.twin.step()
-            Ef = self.model(E)
-            with self._amp():
-                E = self.filter.analysis(Ef, obs, None)  # a_theta draws no random numbers
+            with self._amp():  # the learned filter's own cycle, as in every run; autocast leaves the model's ops alone
+                _, E = self.filter.cycle(E, self.model, obs, None)  # a_theta draws no random numbers
             target = x if self.teacher is None else self.teacher_target(x, obs)[0]
             loss = loss + (E - target.unsqueeze(1)).pow(2).mean()
         self.last_obs = obs
