@@ -97,5 +97,6 @@ def test_train_and_resume_cli(tmp_path):
     assert prov["step"] in (2, 4, 6) and "danlab eval" in prov["evaluation"]["command"]
     assert prov["schedule_history"] == (history if prov["step"] == 6 else [])
     assert ("resumed at step 4" in (tmp_path / "w" / "README.md").read_text()) == (prov["step"] == 6)
+    assert "trained on the model lorenz96 (Nx 40, F 8.0, dt 0.05, substeps 1, Δt 0.05," in (tmp_path / "w" / "README.md").read_text()
     for f in ("model.json", "curve.png", "metrics.csv", "README.md"):
         assert (tmp_path / "w" / f).is_file()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from danlab.checkpoint import CheckpointError
-from danlab.config import load_config
+from danlab.config import load_config, model_config
 from danlab.experiments.config import RunConfig, learned_eval_data
 from danlab.experiments.runner import run_experiment
 from danlab.io import atomic_write_text, check_output_dir, code_version, write_json
@@ -112,10 +112,12 @@ def _export_into(out: Path, dest: Path, run_dir: Path, src: Path, meta: dict, ev
     write_json(out / "provenance.json", prov)
     plot_curve(metrics, out / "curve.png", f"{dest.name}: validation aRMSE during training")
     t = trained["train"]
+    model_cfg = model_config(trained["model"])
     atomic_write_text(out / "README.md", (
         f"# {dest.name}\n\nLearned analysis a_θ ({trained['net']['kind']}, N_f {trained['net']['Nf']}, "
         f"{trained['net']['Nbl']} blocks × {trained['net']['Nl']} layers, kernel {trained['net']['kernel']}), Ne = {t['N']}, "
-        f"trained on Lorenz 96 (Nx {trained['model']['Nx']}, F {trained['model']['F']}, Δt {trained['model']['dt'] * trained['model']['substeps']}, "
+        f"trained on the model {model_cfg.name} ({', '.join(f'{k} {v}' for k, v in model_cfg.model_dump().items() if k != 'name')}, "
+        f"Δt {model_cfg.Dt:g}, "
         f"{trained['observations']['kind']} observations, σ = {trained['observations']['sigma']}).\n\n"
         f"- trained: {meta['step']} steps of N_t = {t['Nt']} trajectories × N_iter = {t['N_iter']} cycles, "
         f"{meta['wall_s'] / 3600:.2f} h wall-clock on {meta.get('device', 'cpu')} ({meta.get('threads')} threads), seed {trained['seed']}, "
