@@ -12,6 +12,7 @@ products, see `jvp`; the statistics by diagnostics/lyapunov.py).
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 import time
@@ -100,7 +101,7 @@ def main(argv=None) -> dict:
     steady = energy[:, int(a.steady_from):]
     first, second = np.array_split(steady, 2, axis=1)
     result = {
-        "command": "nice -n 15 .venv/bin/python benchmarks/qg_model.py " + " ".join(argv or []),
+        "command": "nice -n 15 .venv/bin/python benchmarks/qg_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": {k: getattr(model, k) for k in ("T", "nlat", "nlon", "dt", "substeps", "deformation_radius", "drag",
                                                  "jet_relaxation", "jet_speed", "jet_latitude", "jet_width", "orography",
                                                  "hyperdiffusion", "hyperdiffusion_order")},
