@@ -19,7 +19,6 @@ from danlab.filters.base import Filter
 from danlab.nets import AnalysisNet, NetConfig, build_net
 from danlab.observations import Obs
 from danlab.rng import BatchRNG
-from danlab.training.checkpoint import CheckpointError, load_state_strict, read_checkpoint, write_checkpoint
 
 NET_FORMAT = "danlab-net/1"
 
