@@ -122,7 +122,9 @@ def _export_into(out: Path, dest: Path, run_dir: Path, src: Path, meta: dict, ev
         f"- trained: {meta['step']} steps of N_t = {t['Nt']} trajectories × N_iter = {t['N_iter']} cycles, "
         f"{meta['wall_s'] / 3600:.2f} h wall-clock on {meta.get('device', 'cpu')} ({meta.get('threads')} threads), seed {trained['seed']}, "
         f"code {meta['code_version']}\n"
-        f"- aRMSE {score['armse']:.4f} ± {score['armse_ci']:.4f} over {batch} held-out trajectories × {cycles} cycles "
+        + ("- trained from the observations alone (loss semisupervised, eq. 15): no truth reached the loss, the resets or "
+           "the choice of the kept network (the latest)\n" if t.get("loss") == "semisupervised" else "")
+        + f"- aRMSE {score['armse']:.4f} ± {score['armse_ci']:.4f} over {batch} held-out trajectories × {cycles} cycles "
         f"after {burn_in} of burn-in: `{prov['evaluation']['command']}`\n"
         + (f"- the weights are the exponential moving average of the trained ones (decay {t['ema']} per step)\n"
            if t.get("ema") else "")
