@@ -97,8 +97,13 @@ class Learned(Filter):
         return self._net
 
     def analysis(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
-        zeta = obs.HtRinv_innovation(E.mean(-2))
-        p = next(self.net.parameters())
-        zeta_n = obs.HtRinv_innovation(E) if E.shape[-2] > 1 else None  # each member's own (= zeta for one)
-        dE = self.net(E.to(p.dtype), zeta.to(p.dtype), None if zeta_n is None else zeta_n.to(p.dtype))
+        # Under evaluation (eval mode, no autograd) the network takes its inference path (AnalysisNet.infer);
+        # states in the network's dtype (float32, as every evaluation of a network runs) cross no conversion.
+        one = E.shape[-2] == 1
+        zeta = obs.HtRinv_innovation(E[..., 0, :] if one else E.mean(-2))  # a single member is its own mean
+        zeta_n = None if one else obs.HtRinv_innovation(E)  # each member's own (= zeta for one)
+        dtype = next(self.net.parameters()).dtype
+        if E.dtype == dtype:
+            return E + self.net(E, zeta, zeta_n)
+        dE = self.net(E.to(dtype), zeta.to(dtype), None if zeta_n is None else zeta_n.to(dtype))
         return E + dE.to(E.dtype)
