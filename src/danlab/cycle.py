@@ -93,7 +93,13 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
     lag = getattr(filt, "lag", 0)
     truths = deque([twin.x], maxlen=lag + 1)  # the truth at the last lag + 1 times, the newest last
     threshold = divergence_factor * float(twin.x.std())
-    stats = torch.full((5 if lag else 4, cycles, B), float("nan"), dtype=torch.float64)
+    # per-cycle statistics, kept as tensors of the states' dtype and device and read back once at the end:
+    # RMSE of the forecast and analysis means (K, 2, B), spreads (K, 2, B) only for an ensemble (N > 1),
+    # the smoother's RMSE (K, B). Each cycle costs a handful of tensor calls (see benchmarks/filter_speed.py).
+    dev = twin.x.device
+    rms = torch.full((cycles, 2, B), float("nan"), dtype=twin.x.dtype, device=dev)
+    spr = torch.zeros((cycles, 2, B), dtype=twin.x.dtype, device=dev) if filt.N > 1 else None
+    rms_s = torch.full((cycles, B), float("nan"), dtype=twin.x.dtype, device=dev) if lag else None
     diverged = torch.zeros(B, dtype=torch.bool)
     diverged_at = torch.full((B,), -1, dtype=torch.long)
     t0 = time.perf_counter()
@@ -103,21 +109,26 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
             truths.append(x)
             carry, Ef, E, Es, n = filt.step(carry, model, obs, filter_rng)
             if Es is not None and k >= n:  # the smoothed state at cycle k - n (time 0 is no cycle)
-                stats[4, k - n] = rmse(Es.mean(-2), truths[-1 - n])
-            ra = rmse(E.mean(-2), x)
-            bad = ~torch.isfinite(E).flatten(1).all(-1) | ~(ra < threshold)
-            if bad.any():
+                rms_s[k - n] = rmse(Es.mean(-2), truths[-1 - n])
+            # forecast and analysis means in one (2, B, Nx) tensor; a single member is its own mean
+            means = torch.stack([Ef[..., 0, :], E[..., 0, :]] if E.shape[-2] == 1 else [Ef.mean(-2), E.mean(-2)])
+            r = rmse(means, x)
+            rms[k] = r
+            if spr is not None:
+                spr[k, 0], spr[k, 1] = spread(Ef), spread(E)
+            # a non-finite member makes the mean, hence its RMSE, non-finite: `not ra < threshold` sees it too
+            ok = r[1] < threshold
+            if not bool(ok.all()):
+                bad = ~ok
                 # restart from the truth (from 0 where the truth itself is not finite: it never spreads to the others)
                 x0 = torch.where(torch.isfinite(x), x, 0.0)
                 carry = filt.restart(carry, bad, x0)
                 bad = bad.cpu()  # the bookkeeping lives on the CPU, whatever the states' device
                 diverged_at[bad & ~diverged] = k
                 diverged |= bad
-            stats[0, k] = rmse(Ef.mean(-2), x)
-            stats[1, k] = ra
-            stats[2, k] = spread(Ef)
-            stats[3, k] = spread(E)
     wall = time.perf_counter() - t0
+    stats = [rms[:, 0], rms[:, 1]] + ([spr[:, 0], spr[:, 1]] if spr is not None else [torch.zeros_like(rms[:, 0])] * 2)
+    stats = torch.stack(stats + ([rms_s] if lag else [])).to("cpu", torch.float64)
     s = stats.numpy().transpose(0, 2, 1)
     dv = diverged.numpy()
     s[:, dv, :] = np.where(np.arange(cycles) >= diverged_at.numpy()[dv, None], np.nan, s[:, dv, :])
