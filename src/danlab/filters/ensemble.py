@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -104,7 +105,14 @@ def dual_inflation(lam: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, c: tor
     needed, and they never divide by lam_i. Where J'' <= 0 (away from the minimum) a unit step downhill is
     taken instead; every step is clipped to |dt| <= 1. Starts at t = 0 (no inflation); stops when all steps
     are below `tol`.
+
+    On the CPU (no autograd) the iterations run in NumPy on the same float64 numbers: a few (B, N) arrays per
+    step, where each torch call costs several times its arithmetic (measured: 0.8 ms of the 2 ms analysis at
+    N 40, B 1). Same formulas, same steps, equal to round-off.
     """
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (lam, q, eps, c))
+    if lam.device.type == "cpu" and not grad:
+        return _dual_inflation_numpy(lam, q, eps, c, max_iter, tol)
     t = torch.zeros_like(eps + c)
     for _ in range(max_iter):
         u = t.exp()
@@ -117,6 +125,27 @@ def dual_inflation(lam: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, c: tor
         if step.abs().max() < tol:
             break
     return t.exp()
+
+
+def _dual_inflation_numpy(lam, q, eps, c, max_iter, tol):
+    """`dual_inflation` on CPU tensors, iterated in NumPy (see there)."""
+    L, Q = lam.detach().numpy(), q.detach().numpy()
+    eps_, c_ = torch.broadcast_tensors(eps.detach(), c.detach())
+    eps_, c_ = eps_.numpy(), c_.numpy()
+    t = np.zeros(np.broadcast_shapes(eps_.shape, c_.shape), dtype=L.dtype)
+    tiny = np.finfo(L.dtype).tiny
+    with np.errstate(all="ignore"):  # a blown-up row gives NaN here, as in torch; it is flagged by the caller
+        for _ in range(max_iter):
+            u = np.exp(t)
+            a = L * u + 1
+            g = -(Q * u / a**2).sum(-1, keepdims=True) - eps_ / u + c_
+            h = -(Q * u * (1 - L * u) / a**3).sum(-1, keepdims=True) + eps_ / u
+            step = np.clip(np.where(h > 0, g / np.maximum(h, tiny), np.sign(g)), -1.0, 1.0)
+            step = np.where(np.isfinite(step), step, 0.0)
+            t = t - step
+            if np.abs(step).max() < tol:
+                break
+    return torch.from_numpy(np.exp(t)).to(lam.dtype)
 
 
 class EnKF_N(InflatedEnsembleFilter):
@@ -165,5 +194,8 @@ class EnKF_N(InflatedEnsembleFilter):
             T = apply_sym(*sym_eig_fn(Hw, lambda l: l.clamp(min=1e-12).rsqrt()))
         else:
             T = apply_sym(V, a.rsqrt())
+        # (Fusing the mean and anomaly updates into one (w^T + sqrt(N-1) T) X product was tried: a few per cent,
+        # but the healthy rows of a batch then differ in the last bit when another row is restarted, and
+        # tests/test_hardening.py asks them to be exactly equal.)
         xa = xb + (w.mT @ X).squeeze(-2)
         return flag_rows(ok, xa.unsqueeze(-2) + math.sqrt(N - 1) * (T @ X))
