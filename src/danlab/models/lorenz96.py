@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from danlab.models.rk4 import rk4_step
+
 
 @dataclass(frozen=True)
 class Lorenz96:
@@ -43,12 +45,7 @@ class Lorenz96:
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """One RK4 step of length dt."""
-        dt = self.dt
-        k1 = self.tendency(x)
-        k2 = self.tendency(x + 0.5 * dt * k1)
-        k3 = self.tendency(x + 0.5 * dt * k2)
-        k4 = self.tendency(x + dt * k3)
-        return x + (dt / 6.0) * (k1 + 2.0 * (k2 + k3) + k4)
+        return rk4_step(self.tendency, x, self.dt)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Forecast over one observation interval Δt."""

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from danlab.models.rk4 import rk4_step
 from danlab.models.sht import SHT
 
 EARTH_RADIUS_KM = 6371.0
@@ -199,12 +200,7 @@ class QGSphere:
 
     def step_spectral(self, q: torch.Tensor) -> torch.Tensor:
         """One RK4 step of length dt on q' (coefficients)."""
-        dt = self.dt
-        k1 = self.tendency(q)
-        k2 = self.tendency(q + 0.5 * dt * k1)
-        k3 = self.tendency(q + 0.5 * dt * k2)
-        k4 = self.tendency(q + dt * k3)
-        return q + (dt / 6.0) * (k1 + 2.0 * (k2 + k3) + k4)
+        return rk4_step(self.tendency, q, self.dt)
 
     def integrate_spectral(self, q: torch.Tensor, n: int) -> torch.Tensor:
         for _ in range(n):
