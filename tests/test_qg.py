@@ -216,3 +216,13 @@ def test_learned_filter_with_the_sphere_network_cycles():
     res = run_cycles(filt, model, twin, cfg.cycles, cfg.burn_in, 0, ids=[0, 1])
     s = res.scores()
     assert not s["diverged"] and s["armse"] < 9.6, s
+
+
+def test_var3d_refuses_a_shift_average_on_the_sphere():
+    """The homogeneous climatology averages over circular shifts of the state index: right on a circle of sites
+    (L96, KS), meaningless on the flattened sphere, so refused there in one line naming the key."""
+    from danlab.config import ConfigError, load_config
+    from danlab.experiments.config import RunConfig
+    cfg = load_config(RunConfig, "configs/qg/var3d.yaml", ["filter.homogeneous=true"])
+    with pytest.raises(ConfigError, match="filter.homogeneous"):
+        cfg.filter.prepare(cfg.model.build(), cfg.observations.build(cfg.model.Nx), torch.float64, "cpu")

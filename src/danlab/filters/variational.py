@@ -76,6 +76,10 @@ class StaticB(Filter):
     def prepare(self, model, observer, dtype, device) -> "StaticB":
         if self.cov is not None:
             return self.model_copy(update={"cov": self.cov.to(dtype=dtype, device=device)})
+        if self.homogeneous and hasattr(model, "distances"):  # a grid that is not a circle of sites (the sphere)
+            from danlab.config import ConfigError
+            raise ConfigError(f"filter.homogeneous: averaging over circular shifts of the state index needs a 1-D "
+                              f"periodic grid, which {type(model).__name__}'s is not (set filter.homogeneous: false)")
         C = climatology(model, self.clim_trajectories, self.clim_cycles, self.clim_seed, self.homogeneous)
         return self.model_copy(update={"cov": C.to(dtype=dtype, device=device)})
 
