@@ -69,10 +69,9 @@ def _fmt(v) -> str:
 
 
 def _filter_classes(ann) -> list[type[BaseModel]]:
-    """The filter classes of a discriminated union annotation (RunConfig.filter)."""
-    if typing.get_origin(ann) is typing.Annotated:
-        ann = typing.get_args(ann)[0]
-    return [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+    """The classes of a discriminated union annotation (the filter by `method`, the model by `name`)."""
+    unwrap = lambda a: typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a  # noqa: E731
+    return [a for a in map(unwrap, typing.get_args(unwrap(ann))) if isinstance(a, type) and issubclass(a, BaseModel)]
 
 
 def describe(cls: type[BaseModel], prefix: str = "", instance: BaseModel | None = None) -> list[dict]:
@@ -88,13 +87,14 @@ def describe(cls: type[BaseModel], prefix: str = "", instance: BaseModel | None 
             rows += describe(ann, f"{key}.", value)
             continue
         classes = _filter_classes(ann)
-        if classes:  # the filter: one block per method, or the one in use
+        if classes:  # the filter or the model: one block per method (name), or the one in use
             for fc in ([type(value)] if value is not None else classes):
-                method = fc.model_fields["method"].default
+                tag = "method" if "method" in fc.model_fields else "name"
+                which = fc.model_fields[tag].default
                 sub = describe(fc, f"{key}.", value)
                 for r in sub:
-                    if value is None:
-                        r["description"] = f"[method {method}] {r['description']}".rstrip()
+                    if value is None and len(classes) > 1:
+                        r["description"] = f"[{tag} {which}] {r['description']}".rstrip()
                 rows += sub
             continue
         bounds = _bounds(field)
