@@ -26,3 +26,9 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def merge_rows(old: list[dict], new: list[dict], order: list[str]) -> list[dict]:
+    """The rows of both tables, those of `new` replacing those of `old` for the same method, in `order`."""
+    new, old = {r["method"]: r for r in new}, {r["method"]: r for r in old}
+    return [new.get(m) or old[m] for m in order if m in new or m in old]

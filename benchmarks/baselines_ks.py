@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import command_line, markdown_table, provenance  # noqa: E402
+from _common import command_line, markdown_table, merge_rows, provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "configs" / "ks"
@@ -198,14 +198,8 @@ def filter_table(a) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = "ks_baselines" + ("_quick" if a.quick else "")
     if a.only and (out / f"{stem}.json").is_file():  # keep the other methods' rows, in the order of METHODS
-        rows = merge_rows(json.loads((out / f"{stem}.json").read_text()), rows)
+        rows = merge_rows(json.loads((out / f"{stem}.json").read_text()), rows, [m for m, *_ in METHODS])
     write_table(rows, out, stem)
-
-
-def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
-    """The rows of both, those of `new` replacing those of the same method, in the order of METHODS."""
-    new, old = {r["method"]: r for r in new}, {r["method"]: r for r in old}
-    return [new.get(m) or old[m] for m, *_ in METHODS if m in new or m in old]
 
 
 def write_table(rows: list[dict], out: Path, stem: str, note: str = "") -> None:
@@ -238,7 +232,7 @@ def render(a) -> None:
     """Merge the rows of several runs' JSON files (later files win) into one table."""
     rows: list[dict] = []
     for path in a.rows:
-        rows = merge_rows(rows, json.loads(Path(path).read_text()))
+        rows = merge_rows(rows, json.loads(Path(path).read_text()), [m for m, *_ in METHODS])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     write_table(rows, out, a.stem, a.note or "")

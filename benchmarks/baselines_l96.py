@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import command_line, markdown_table, provenance  # noqa: E402
+from _common import command_line, markdown_table, merge_rows, provenance  # noqa: E402
 
 from danlab.config import load_config  # noqa: E402
 from danlab.experiments.config import RunConfig  # noqa: E402
@@ -91,9 +91,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = "baselines_l96" + ("_quick" if a.quick else "")
     if a.only and (out / f"{stem}.json").is_file():  # keep the other methods' rows, in the order of METHODS
-        new = {r["method"]: r for r in rows}
-        old = {r["method"]: r for r in json.loads((out / f"{stem}.json").read_text())}
-        rows = [new.get(m) or old[m] for m, *_ in METHODS if m in new or m in old]
+        rows = merge_rows(json.loads((out / f"{stem}.json").read_text()), rows, [m for m, *_ in METHODS])
     pd.DataFrame(rows).to_csv(out / f"{stem}.csv", index=False)
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     table = markdown_table(

@@ -67,7 +67,16 @@ class Strict(BaseModel):
         return check_device(value) if isinstance(value, str) else value
 
 
-class Lorenz96Config(Strict):
+class _ModelSection(Strict):
+    """What every model section shares: an integration step `dt` and `substeps` of it per observation interval."""
+
+    @property
+    def Dt(self) -> float:
+        """Time between two observations (substeps × dt; in days for QG)."""
+        return self.dt * self.substeps
+
+
+class Lorenz96Config(_ModelSection):
     """Lorenz 96 (`name: lorenz96`), integrated by RK4."""
 
     renamed: ClassVar[dict[str, str]] = {"steps": "substeps"}
@@ -77,16 +86,11 @@ class Lorenz96Config(Strict):
     dt: float = Field(0.05, gt=0, description="integration step")
     substeps: int = Field(1, ge=1, description="RK4 steps per observation interval (Δt = substeps × dt)")
 
-    @property
-    def Dt(self) -> float:
-        """Time between two observations."""
-        return self.dt * self.substeps
-
     def build(self) -> Lorenz96:
         return Lorenz96(Nx=self.Nx, F=self.F, dt=self.dt, substeps=self.substeps)
 
 
-class KSConfig(Strict):
+class KSConfig(_ModelSection):
     """Kuramoto–Sivashinsky (`name: ks`), pseudo-spectral, integrated by ETDRK4; the defaults are the standard setup
     (Kassam & Trefethen 2005; Bocquet et al. 2019): Nx 128, length 32π, dt 0.5, observed every 2 steps (Δt 1)."""
 
@@ -103,16 +107,11 @@ class KSConfig(Strict):
             raise ValueError(f"must be even (got {value})")
         return value
 
-    @property
-    def Dt(self) -> float:
-        """Time between two observations."""
-        return self.dt * self.substeps
-
     def build(self) -> KuramotoSivashinsky:
         return KuramotoSivashinsky(Nx=self.Nx, length=self.length, dt=self.dt, substeps=self.substeps)
 
 
-class QGConfig(Strict):
+class QGConfig(_ModelSection):
     """Equivalent-barotropic quasi-geostrophic flow on the sphere (`name: qg`), spectral with triangular truncation
     T, RK4 (models/qg_sphere.py: the equations, units and default setup). The state is the streamfunction on the
     Gaussian grid, flattened latitude-major: Nx = nlat × nlon (2048 at T21), in 10⁷ m² s⁻¹; time in days."""
@@ -159,11 +158,6 @@ class QGConfig(Strict):
     def Nx(self) -> int:
         nlat, nlon = self.grid
         return nlat * nlon
-
-    @property
-    def Dt(self) -> float:
-        """Time between two observations, in days."""
-        return self.dt * self.substeps
 
     def build(self) -> QGSphere:
         return QGSphere(**self.model_dump(exclude={"name"}))
