@@ -46,6 +46,8 @@ RECIPES = {
     "default": (BASE, []),
     "no-distill": (BASE, ["train.distill_steps=0"]),
     "truth-target": (BASE, ["train.distill_steps=0", "train.teacher_weight=0"]),
+    # the distillation start, then the truth's windows at once (no teacher windows), a cosine sized to 2 h
+    "distill-then-truth": (BASE, ["train.teacher_weight=0", "train.max_steps=5000"]),
     "old-default": (BASE, ["train.distill_steps=0", "train.teacher_weight=0", "train.lr_head=1.0", "train.ema=0",
                            "train.warmup=200"]),
     # observations only (eq. 15): the same windows as truth-target, for the equal-budget comparison of issue 15

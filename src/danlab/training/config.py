@@ -31,7 +31,7 @@ class TrainConfig(Strict):
                                   "(0: the truth alone); measured: 3.7x less gradient noise than the truth's")
     teacher_N: int = Field(40, ge=2, description="ensemble size of the teacher EnKF-N")
     distill_steps: int = Field(0, ge=0, description="first optimiser steps that are single cycles (a_θ on the teacher's "
-                               "forecast mean and on its own forecast, against the target, the model not differentiated) "
+                               "forecast mean and on its own forecast, against the teacher's analysis mean, the model not differentiated) "
                                "instead of N_iter-cycle windows: a cheap warm start")
     teacher_xN: float = Field(2.0, gt=0, description="hyperprior confidence xN of the teacher EnKF-N")
     init_std: float = Field(1.0, ge=0, description="initial ensemble: truth + N(0, init_std^2)")

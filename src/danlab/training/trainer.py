@@ -21,8 +21,9 @@ suboptimality (at the shipped network the teacher's loss still has a gradient of
 
 Distillation (`distill_steps` > 0): the first optimiser steps are single cycles instead of N_iter-cycle
 windows: a_θ analyses the teacher's forecast mean (its first Ne members when Ne > 1) and the forecast of its
-own carried state, both regressed on the same target, with no backpropagation through the model: a cheap
-warm start (see `distill_loss`). The windows then start from the carried states.
+own carried state, both regressed on the teacher's analysis mean (whatever teacher_weight says for the
+windows), with no backpropagation through the model: a cheap warm start (see `distill_loss`). The windows
+then start from the carried states; with teacher_weight 0 they target the truth and no teacher is cycled.
 
 Semi-supervised (`loss: semisupervised`): observations only, see `semisupervised_window_loss`.
 """
@@ -296,13 +297,12 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     @torch.no_grad()
-    def teacher_target(self, x: torch.Tensor, obs) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_target(self, x: torch.Tensor, obs, w: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One cycle of the teacher on this cycle's observations: the target w x̄^a_teacher + (1 - w) x and the
         teacher's forecast ensemble.
 
         A teacher trajectory that failed (non-finite, or beyond the reset threshold) gives the truth as target
         this cycle and restarts around the truth (which then also stands for its forecast)."""
-        w = self.cfg.train.teacher_weight
         EfT, ET = self.teacher.cycle(self.E_teacher, self.model, obs, None)
         xa = ET.mean(1)
         bad = ~torch.isfinite(xa).all(1) | ~(rmse(xa, x) < self.threshold)
@@ -324,7 +324,7 @@ class Trainer:
         since the teacher's analysis mean estimates E[x_k | y_1:k] and a_θ's forecast is a function of y_1:k-1."""
         tc = self.cfg.train
         x, obs = self.twin.step()
-        target, EfT = self.teacher_target(x, obs)
+        target, EfT = self.teacher_target(x, obs, 1.0)
         Ef = EfT.mean(1, keepdim=True) if tc.N == 1 else EfT[:, :tc.N]
         with torch.no_grad():
             Ef_own = self.model(self.E)
@@ -347,7 +347,7 @@ class Trainer:
             x, obs = self.twin.step()
             with self._amp():  # the learned filter's own cycle, as in every run; autocast leaves the model's ops alone
                 _, E = self.filter.cycle(E, self.model, obs, None)  # a_theta draws no random numbers
-            target = x if self.teacher is None else self.teacher_target(x, obs)[0]
+            target = self.teacher_target(x, obs, tc.teacher_weight)[0] if tc.teacher_weight > 0 else x
             loss = loss + (E - target.unsqueeze(1)).pow(2).mean()
         self.last_obs = obs
         return loss / tc.N_iter, E, x
