@@ -155,7 +155,7 @@ METHODS = [
 
 def filter_table(a) -> None:
     from danlab.config import load_config
-    from danlab.experiments.config import RunConfig
+    from danlab.experiments.run_config import RunConfig
     from danlab.experiments.runner import run_experiment, tune_on_seed
 
     cycles, exps = (a.cycles or (1_500 if a.quick else 10_500)), (a.experiments or (2 if a.quick else 4))

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import command_line, markdown_table, merge_rows, provenance  # noqa: E402
 
 from danlab.config import load_config  # noqa: E402
-from danlab.experiments.config import RunConfig  # noqa: E402
+from danlab.experiments.run_config import RunConfig  # noqa: E402
 from danlab.experiments.runner import run_experiment, tune_on_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

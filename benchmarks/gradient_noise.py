@@ -33,7 +33,7 @@ from _common import command_line, markdown_table, provenance  # noqa: E402
 from danlab.config import load_config  # noqa: E402
 from danlab.io import atomic_write_text, write_json  # noqa: E402
 from danlab.checkpoint import load_state_strict, read_checkpoint  # noqa: E402
-from danlab.training.config import TrainRunConfig  # noqa: E402
+from danlab.training.train_config import TrainRunConfig  # noqa: E402
 from danlab.training.trainer import TRAIN_FORMAT, Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

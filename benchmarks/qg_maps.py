@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from danlab.config import load_config  # noqa: E402
 from danlab.cycle import initial_ensemble  # noqa: E402
-from danlab.experiments.config import RunConfig  # noqa: E402
+from danlab.experiments.run_config import RunConfig  # noqa: E402
 from danlab.metrics import rmse  # noqa: E402
 from danlab.rng import BatchRNG  # noqa: E402
 from danlab.twin import TwinStream  # noqa: E402

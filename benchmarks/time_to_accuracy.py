@@ -34,7 +34,7 @@ from _common import command_line, markdown_table  # noqa: E402
 
 from danlab.config import load_config  # noqa: E402
 from danlab.io import atomic_write_text, code_version  # noqa: E402
-from danlab.training.config import TrainRunConfig  # noqa: E402
+from danlab.training.train_config import TrainRunConfig  # noqa: E402
 from danlab.training.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ from danlab.learned import Learned  # noqa: E402
 from danlab.models import Lorenz96  # noqa: E402
 from danlab.nets import NetConfig, build_net  # noqa: E402
 from danlab.observations import Observer  # noqa: E402
-from danlab.training.config import TrainRunConfig  # noqa: E402
+from danlab.training.train_config import TrainRunConfig  # noqa: E402
 from danlab.training.trainer import Trainer  # noqa: E402
 from danlab.twin import TwinStream  # noqa: E402
 

@@ -36,7 +36,7 @@ import torch
 
 from danlab.config import load_config
 from danlab.learned import save_net
-from danlab.training.config import TrainRunConfig
+from danlab.training.train_config import TrainRunConfig
 from danlab.training.trainer import Trainer, lr_at, train, validate
 
 

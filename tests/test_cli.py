@@ -7,7 +7,7 @@ import pytest
 
 from danlab.learned import save_net
 from danlab.nets import NetConfig, build_net
-from danlab.training.config import TrainRunConfig
+from danlab.training.train_config import TrainRunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}

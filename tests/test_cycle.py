@@ -8,7 +8,7 @@ import xarray as xr
 
 from danlab.config import ConfigError, load_config
 from danlab.cycle import run_cycles
-from danlab.experiments.config import RunConfig
+from danlab.experiments.run_config import RunConfig
 from danlab.experiments.runner import parse_grid, run_experiment, simulate, tune
 from danlab.filters.ensemble import ETKF
 from danlab.metrics import integrated_autocorr_time, mean_with_ci
@@ -120,3 +120,13 @@ def test_run_folder(tmp_path):
 def test_bad_grid(spec):
     with pytest.raises(ConfigError):
         parse_grid(spec)
+
+
+def test_one_divergence_test_for_scored_runs_and_training():
+    """A trajectory is lost when its error is not below the threshold or not finite; the trainer's resets
+    and run_cycles' divergence flags use this same test (cycle.lost) and the same kind of threshold."""
+    from danlab.cycle import divergence_threshold, lost
+    err = torch.tensor([0.5, 1.0, 1.5, float("nan"), float("inf")])
+    assert lost(err, 1.0).tolist() == [False, True, True, True, True]
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(0)) * 3.0
+    assert divergence_threshold(x, 1.2) == pytest.approx(1.2 * float(x.std()))

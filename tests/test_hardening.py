@@ -18,7 +18,7 @@ from danlab import cli
 from danlab.config import ConfigError, load_config, parse_value, read_yaml
 from danlab.cycle import run_cycles
 from danlab.experiments import runner
-from danlab.experiments.config import RunConfig
+from danlab.experiments.run_config import RunConfig
 from danlab.experiments.runner import format_score, parse_grid, run_experiment
 from danlab.filters.base import safe_eigh
 from danlab.filters.ensemble import EnKF, EnKF_N, ETKF
@@ -30,7 +30,7 @@ from danlab.nets import NetConfig, build_net
 from danlab.observations import Observer
 from danlab.resources import check_run_memory, run_memory_terms
 from danlab.checkpoint import CheckpointError
-from danlab.training.config import TrainRunConfig
+from danlab.training.train_config import TrainRunConfig
 from danlab.experiments.export import export
 from danlab.twin import TwinStream
 
@@ -482,7 +482,7 @@ def test_the_shipped_weights_still_score_about_0_20():
     """weights/l96_nf40_ne1 as a filter over a short held-out run (4 experiments × 600 scored cycles, seed 3):
     0.2007 ± 0.007 measured, 0.1994 ± 0.0013 over the reference 8 × 10,000. A change to the network code, the
     model, the observations or the evaluation path that loses accuracy shows here."""
-    from danlab.experiments.config import learned_eval_data
+    from danlab.experiments.run_config import learned_eval_data
     w = ROOT / "weights" / "l96_nf40_ne1"
     _, meta = load_net(w)
     data = learned_eval_data(meta["trained_with"], w, seed=3, cycles=700, burn_in=100, batch=4)

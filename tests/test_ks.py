@@ -139,7 +139,7 @@ CONFIGS = Path(__file__).parents[1] / "configs" / "ks"
 ])
 def test_config_refuses_bad_ks(override, message):
     from danlab.config import ConfigError, load_config
-    from danlab.experiments.config import RunConfig
+    from danlab.experiments.run_config import RunConfig
     with pytest.raises(ConfigError) as err:
         load_config(RunConfig, CONFIGS / "letkf.yaml", [override])
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
@@ -147,7 +147,7 @@ def test_config_refuses_bad_ks(override, message):
 
 def test_unstable_step_refused_in_one_line():
     from danlab.config import ConfigError, load_config
-    from danlab.experiments.config import RunConfig
+    from danlab.experiments.run_config import RunConfig
     from danlab.experiments.runner import simulate
     cfg = load_config(RunConfig, CONFIGS / "etkf.yaml", ["model.dt=1e10", "cycles=5", "burn_in=1"])
     with pytest.raises(ConfigError, match="the truth blows up") as err:
@@ -160,7 +160,7 @@ def test_ks_configs_track_the_truth(file, bound):
     """The shipped configs run and track the truth over a short run (their scores over 10^4 cycles:
     docs/results/ks_baselines.md, 0.11-0.12; climatology scores 1.3)."""
     from danlab.config import load_config
-    from danlab.experiments.config import RunConfig
+    from danlab.experiments.run_config import RunConfig
     from danlab.experiments.runner import simulate, summarize
     cfg = load_config(RunConfig, CONFIGS / file, ["cycles=150", "burn_in=50"])
     s = summarize(cfg, simulate(cfg))

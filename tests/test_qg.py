@@ -172,8 +172,8 @@ def test_shipped_configs_load(path):
     from pathlib import Path
 
     from danlab.config import load_config
-    from danlab.experiments.config import RunConfig
-    from danlab.training.config import TrainRunConfig
+    from danlab.experiments.run_config import RunConfig
+    from danlab.training.train_config import TrainRunConfig
     f = Path(__file__).resolve().parents[1] / "configs" / "qg" / f"{path}.yaml"
     cfg = load_config(TrainRunConfig if path.startswith("dan") else RunConfig, f)
     assert cfg.model.name == "qg" and cfg.model.Nx == 2048
@@ -186,7 +186,7 @@ def test_filters_cycle_on_the_sphere(filt):
     """The whole DA loop on a small sphere (T5, 8 x 16 grid) with random grid points observed: the filter's analysis
     is closer to the truth than the free ensemble mean would be (the climatological spread) and finite."""
     from danlab.config import load_config
-    from danlab.experiments.config import RunConfig
+    from danlab.experiments.run_config import RunConfig
     from danlab.experiments.runner import simulate
     cfg = load_config(RunConfig, data={"cycles": 30, "burn_in": 10, "model": {"name": "qg", "T": 5, "dt": 0.125, "substeps": 2},
                                        "observations": {"kind": "random", "count": 32, "sigma": 0.5}, "filter": filt})
@@ -201,7 +201,7 @@ def test_learned_filter_with_the_sphere_network_cycles():
     in float32, and its increment at initialisation is the nudging gain x zeta, which keeps the analysis bounded."""
     from danlab.config import load_config
     from danlab.cycle import run_cycles
-    from danlab.experiments.config import RunConfig
+    from danlab.experiments.run_config import RunConfig
     from danlab.learned import Learned
     from danlab.nets import NetConfig, build_net
     from danlab.twin import TwinStream
@@ -222,7 +222,7 @@ def test_var3d_refuses_a_shift_average_on_the_sphere():
     """The homogeneous climatology averages over circular shifts of the state index: right on a circle of sites
     (L96, KS), meaningless on the flattened sphere, so refused there in one line naming the key."""
     from danlab.config import ConfigError, load_config
-    from danlab.experiments.config import RunConfig
+    from danlab.experiments.run_config import RunConfig
     cfg = load_config(RunConfig, "configs/qg/var3d.yaml", ["filter.homogeneous=true"])
     with pytest.raises(ConfigError, match="filter.homogeneous"):
         cfg.filter.prepare(cfg.model.build(), cfg.observations.build(cfg.model.Nx), torch.float64, "cpu")

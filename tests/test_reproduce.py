@@ -2,11 +2,11 @@ import pandas as pd
 
 from danlab.config import load_config
 from danlab.experiments import reproduce as rp
-from danlab.experiments.config import RunConfig, learned_eval_data
+from danlab.experiments.run_config import RunConfig, learned_eval_data
 from danlab.experiments.runner import run_experiment
 from danlab.learned import save_net
 from danlab.nets import NetConfig, build_net
-from danlab.training.config import TrainRunConfig
+from danlab.training.train_config import TrainRunConfig
 
 TINY = rp.Budget(cycles=150, burn_in=50, batch=2, tune_cycles=120, tune_batch=1)
 

@@ -10,7 +10,7 @@ import torch
 from danlab.checkpoint import CheckpointError
 from danlab.learned import Learned, load_net, save_net
 from danlab.nets import NetConfig, build_net
-from danlab.training.config import TrainRunConfig
+from danlab.training.train_config import TrainRunConfig
 from danlab.training.trainer import Trainer, lr_at, train, validate
 
 TINY = {"net": {"Nf": 8, "Nbl": 1, "Nl": 2}, "train": {"Nt": 16, "N_iter": 3, "max_steps": 8, "warmup": 2, "lr": 3e-3,

@@ -56,7 +56,7 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 
 
 def cmd_run(a) -> int:
-    from danlab.experiments.config import RunConfig
+    from danlab.experiments.run_config import RunConfig
     from danlab.experiments.runner import run_experiment
     cfg = load_config(RunConfig, a.config, a.set)
     out = check_output_dir(a.out or _default_out(cfg.filter.method))
@@ -65,7 +65,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_tune(a) -> int:
-    from danlab.experiments.config import RunConfig
+    from danlab.experiments.run_config import RunConfig
     from danlab.experiments.runner import parse_grid, tune
     cfg = load_config(RunConfig, a.config, a.set)
     grids = [parse_grid(g) for g in a.grid]
@@ -75,7 +75,7 @@ def cmd_tune(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from danlab.training.config import TrainRunConfig
+    from danlab.training.train_config import TrainRunConfig
     from danlab.training.trainer import train
     if a.resume:
         run_dir = Path(a.resume)
@@ -97,7 +97,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from danlab.experiments.config import RunConfig, learned_eval_data
+    from danlab.experiments.run_config import RunConfig, learned_eval_data
     from danlab.experiments.runner import run_experiment
     from danlab.learned import load_net, resolve_net_dir
     _, meta = load_net(a.checkpoint)

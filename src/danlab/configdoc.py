@@ -116,8 +116,8 @@ def _table(title: str, rows: list[dict]) -> str:
 
 
 def _classes():
-    from danlab.experiments.config import RunConfig
-    from danlab.training.config import TrainRunConfig
+    from danlab.experiments.run_config import RunConfig
+    from danlab.training.train_config import TrainRunConfig
     return {"run": ("run config (danlab run, tune; eval with --set)", RunConfig),
             "train": ("training config (danlab train)", TrainRunConfig)}
 

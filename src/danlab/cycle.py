@@ -71,6 +71,18 @@ def initial_ensemble(x: torch.Tensor, N: int, rng: BatchRNG, std: float = 1.0) -
     return x.unsqueeze(-2) + std * rng.randn(N, x.shape[-1], dtype=x.dtype, device=x.device)
 
 
+def divergence_threshold(x: torch.Tensor, factor: float) -> float:
+    """The analysis RMSE above which a trajectory counts as lost: `factor` times the truth's climatological
+    spread (a filter that has lost the truth sits near sqrt(2) times that spread)."""
+    return factor * float(x.std())
+
+
+def lost(err: torch.Tensor, threshold: float) -> torch.Tensor:
+    """True where a trajectory has lost the truth: its error is not below the threshold, or not finite (a
+    non-finite member makes the mean, hence the error, non-finite, and NaN < t is False)."""
+    return ~(err < threshold)
+
+
 def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: int,
                ids: list[int] | None = None, init_std: float = 1.0, divergence_factor: float = 1.2,
                progress: bool = False) -> CycleResult:
@@ -92,7 +104,7 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
     carry = filt.start(E)
     lag = getattr(filt, "lag", 0)
     truths = deque([twin.x], maxlen=lag + 1)  # the truth at the last lag + 1 times, the newest last
-    threshold = divergence_factor * float(twin.x.std())
+    threshold = divergence_threshold(twin.x, divergence_factor)
     # per-cycle statistics, kept as tensors of the states' dtype and device and read back once at the end:
     # RMSE of the forecast and analysis means (K, 2, B), spreads (K, 2, B) only for an ensemble (N > 1),
     # the smoother's RMSE (K, B). Each cycle costs a handful of tensor calls (see benchmarks/filter_speed.py).
@@ -116,10 +128,8 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
             rms[k] = r
             if spr is not None:
                 spr[k, 0], spr[k, 1] = spread(Ef), spread(E)
-            # a non-finite member makes the mean, hence its RMSE, non-finite: `not ra < threshold` sees it too
-            ok = r[1] < threshold
-            if not bool(ok.all()):
-                bad = ~ok
+            bad = lost(r[1], threshold)
+            if bool(bad.any()):
                 # restart from the truth (from 0 where the truth itself is not finite: it never spreads to the others)
                 x0 = torch.where(torch.isfinite(x), x, 0.0)
                 carry = filt.restart(carry, bad, x0)

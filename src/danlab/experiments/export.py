@@ -17,7 +17,7 @@ import pandas as pd
 
 from danlab.checkpoint import CheckpointError
 from danlab.config import load_config, model_config
-from danlab.experiments.config import RunConfig, learned_eval_data
+from danlab.experiments.run_config import RunConfig, learned_eval_data
 from danlab.experiments.runner import run_experiment
 from danlab.io import atomic_write_text, check_output_dir, code_version, write_json
 from danlab.learned import load_net, resolve_net_dir

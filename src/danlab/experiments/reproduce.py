@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from danlab.config import ConfigError, load_config
-from danlab.experiments.config import RunConfig, learned_eval_data
+from danlab.experiments.run_config import RunConfig, learned_eval_data
 from danlab.experiments.runner import format_score, run_experiment, tune_on_seed
 from danlab.io import atomic_write_text, write_json
 from danlab.learned import load_net, resolve_net_dir

@@ -19,7 +19,7 @@ import xarray as xr
 
 from danlab.config import ConfigError, apply_overrides, load_config, parse_value, to_yaml, validate
 from danlab.cycle import CycleResult, run_cycles
-from danlab.experiments.config import RunConfig
+from danlab.experiments.run_config import RunConfig
 from danlab.io import atomic_write_text, check_output_dir, write_json
 from danlab.resources import check_run_memory, default_threads
 from danlab.twin import TwinStream

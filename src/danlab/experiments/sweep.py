@@ -289,8 +289,8 @@ def _strip(d: dict, *keys: str) -> dict:
 
 def _expand(s: Sweep, root: Path, threads: int) -> tuple[list[Point], list[Training]]:
     """Every grid point with its resolved, validated config (or its error), and the distinct trainings."""
-    from danlab.experiments.config import RunConfig, learned_eval_data
-    from danlab.training.config import TrainRunConfig
+    from danlab.experiments.run_config import RunConfig, learned_eval_data
+    from danlab.training.train_config import TrainRunConfig
 
     axes = list(s.grid)
     over = s.overrides()
@@ -363,7 +363,7 @@ def _read_done(directory: Path) -> dict | None:
 def train_task(spec: dict, threads: int) -> dict:
     """Train (or resume) one network; returns {"status": "ok", ...} or {"status": "failed", "error": ...}."""
     import torch
-    from danlab.training.config import TrainRunConfig
+    from danlab.training.train_config import TrainRunConfig
     from danlab.training.trainer import train
 
     torch.set_num_threads(threads)
@@ -385,7 +385,7 @@ def train_task(spec: dict, threads: int) -> dict:
 def point_task(spec: dict, threads: int, training: dict | None = None) -> dict:
     """Run one point (kind run, tune, or the evaluation of a trained network) and write its done.json."""
     import torch
-    from danlab.experiments.config import RunConfig
+    from danlab.experiments.run_config import RunConfig
     from danlab.experiments.runner import run_experiment, tune
 
     torch.set_num_threads(threads)

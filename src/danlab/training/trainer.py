@@ -46,13 +46,13 @@ from tqdm import tqdm
 from danlab.checkpoint import (CheckpointError, atomic_write_text, code_version, load_state_strict, read_checkpoint,
                                write_checkpoint)
 from danlab.config import to_yaml, upgrade_renamed
-from danlab.cycle import initial_ensemble, run_cycles
+from danlab.cycle import divergence_threshold, initial_ensemble, lost, run_cycles
 from danlab.filters.ensemble import EnKF_N
 from danlab.learned import Learned, save_net
 from danlab.metrics import rmse
 from danlab.nets import build_net
 from danlab.rng import BatchRNG, make_generator
-from danlab.training.config import TrainRunConfig
+from danlab.training.train_config import TrainRunConfig
 from danlab.twin import TwinStream
 
 TRAIN_FORMAT = "danlab-train/1"
@@ -195,7 +195,7 @@ class Trainer:
         self.twin = TwinStream(self.model, self.observer, tc.Nt, cfg.seed, ids=None, dtype=torch.float32, device=tc.device)
         self.reset_rng = BatchRNG(cfg.seed, "reset", tc.Nt)
         self.E = initial_ensemble(self.twin.x, tc.N, BatchRNG(cfg.seed, "init", tc.Nt), tc.init_std)
-        self.threshold = tc.reset_factor * float(self.twin.x.std())
+        self.threshold = divergence_threshold(self.twin.x, tc.reset_factor)
         self.teacher = EnKF_N(N=tc.teacher_N, xN=tc.teacher_xN) if tc.teacher_weight > 0 or tc.distill_steps > 0 else None
         self.teacher_rng = BatchRNG(cfg.seed, "teacher", tc.Nt)
         self.E_teacher = initial_ensemble(self.twin.x, tc.teacher_N, self.teacher_rng, tc.init_std) if self.teacher else None
@@ -305,7 +305,7 @@ class Trainer:
         this cycle and restarts around the truth (which then also stands for its forecast)."""
         EfT, ET = self.teacher.cycle(self.E_teacher, self.model, obs, None)
         xa = ET.mean(1)
-        bad = ~torch.isfinite(xa).all(1) | ~(rmse(xa, x) < self.threshold)
+        bad = lost(rmse(xa, x), self.threshold)
         if bad.any():
             fresh = initial_ensemble(x, self.teacher.N, self.teacher_rng, self.cfg.train.init_std)
             ET = torch.where(bad.view(-1, 1, 1), fresh, ET)
@@ -396,7 +396,7 @@ class Trainer:
                 obs = self.last_obs
                 far = obs.innovation(E.mean(1)).pow(2).sum(-1).div(obs.Ny).sqrt()
                 base = obs.y + (1 - obs.mask) * (obs.y.sum(-1, keepdim=True) / obs.Ny.unsqueeze(-1))
-            bad = ~torch.isfinite(E).flatten(1).all(1) | ~(far < self.threshold)
+            bad = lost(far, self.threshold)  # the same test as a scored run's divergence flag (cycle.py)
             n_bad = int(bad.sum())
             if n_bad:
                 fresh = initial_ensemble(base, tc.N, self.reset_rng, tc.init_std)
