@@ -125,3 +125,28 @@ def test_lorenz96_below_the_unstable_dimension():
         scores[filt.method] = run_cycles(filt, model, twin, 400, 150, 0, ids=[0, 1]).scores()
     assert scores["letkf"]["n_diverged"] == 0 and scores["letkf"]["armse"] < 0.3
     assert scores["etkf"]["n_diverged"] == 2 or scores["etkf"]["armse"] > 1.0
+
+
+def test_letkf_on_the_sphere_localises_in_great_circle_distance():
+    """On QG on the sphere, prepare() takes the model's great-circle distances (km): a single observation at
+    grid point j changes the analysis exactly at the points within 2 × radius km of j (Gaspari–Cohn support),
+    whatever their distance in the state index, and leaves every other point as forecast."""
+    from danlab.models.qg_sphere import QGSphere
+    model = QGSphere(T=10)  # a 16 x 32 grid, Nx 512
+    Nx, radius, j = model.Nx, 1500.0, 3 * 32 + 5
+    f = LETKF(N=8, radius=radius).prepare(model, None, f64, "cpu")
+    D = model.distances()
+    assert torch.equal(f.dist, D)
+    assert torch.allclose(localisation(Nx, radius, torch.zeros(1, dtype=f64), "gc", 1, f.dist)[0],
+                          gaspari_cohn(D / radius))
+    E = torch.randn(2, 8, Nx, generator=torch.Generator().manual_seed(0), dtype=f64)
+    mask = torch.zeros(2, Nx, dtype=f64)
+    mask[:, j] = 1.0
+    obs = Obs(y=mask * 3.0, mask=mask, sigma=1.0)
+    changed = (f.update(E, obs, None) - E).abs().amax((0, 1)) > 1e-12
+    rho = gaspari_cohn(D[j] / radius)
+    near = D[j] < 2 * radius
+    assert torch.equal(rho > 0, near) and 1 < int(near.sum()) < Nx // 4
+    assert bool(changed[rho > 1e-8].all()) and not bool(changed[~near].any())
+    # the neighbourhood is a disc on the sphere, not an interval of the state index (rows of 32 points)
+    assert bool(near[j + 32]) and not bool(near[(j + Nx // 2) % Nx])

@@ -1,8 +1,9 @@
 """Localisation: the LETKF (local ETKF, and its local EnKF-N variant) with Gaspari–Cohn tapering of R^-1.
 
 Notation as in ensemble.py: E (B, N, Nx) ensemble, x̄ its mean, X = (E - x̄)/sqrt(N-1), S = H X R^-1/2,
-d = R^-1/2 (y - H x̄). Sites lie on a periodic 1-D grid (Lorenz 96, Kuramoto–Sivashinsky): the distance between
-sites i and j is min(|i - j|, Nx - |i - j|), in sites (grid spacings).
+d = R^-1/2 (y - H x̄). Distances come from the model when it has them (`model.distances()`: great-circle
+distances in km between the grid points of QG on the sphere); otherwise sites lie on a periodic 1-D grid
+(Lorenz 96, Kuramoto–Sivashinsky) and the distance between sites i and j is min(|i - j|, Nx - |i - j|), in sites.
 """
 
 from __future__ import annotations
@@ -39,16 +40,21 @@ def periodic_distances(Nx: int, dtype=torch.float64, device="cpu") -> torch.Tens
     return torch.minimum(d, Nx - d).to(dtype)
 
 
-def block_distances(Nx: int, block: int = 1, dtype=torch.float64, device="cpu") -> torch.Tensor:
+def block_distances(Nx: int, block: int = 1, dtype=torch.float64, device="cpu",
+                    dist: torch.Tensor | None = None) -> torch.Tensor:
     """(Nx/block, Nx) distances from each block of `block` consecutive sites to every site: the mean of the
-    distances from the block's sites (DAPPER's batches); block 1: `periodic_distances`."""
-    return periodic_distances(Nx, dtype, device).view(Nx // block, block, Nx).mean(-2)
+    distances from the block's sites (DAPPER's batches). `dist` (Nx, Nx): the site-to-site distances (default:
+    `periodic_distances`); block 1: `dist` itself."""
+    dist = periodic_distances(Nx, dtype, device) if dist is None else dist.to(dtype=dtype, device=device)
+    return dist.view(Nx // block, block, Nx).mean(-2)
 
 
-def localisation(Nx: int, radius, like: torch.Tensor, taper: str = "gc", block: int = 1) -> torch.Tensor:
+def localisation(Nx: int, radius, like: torch.Tensor, taper: str = "gc", block: int = 1,
+                 dist: torch.Tensor | None = None) -> torch.Tensor:
     """rho[b, j] (1 or B, Nx/block, Nx): the weight of the observation at site j in the analysis of block b, for
-    the half-width `radius` (a float or a (B,) tensor), in the dtype and on the device of `like`."""
-    dist = block_distances(Nx, block, like.dtype, like.device).unsqueeze(0)
+    the half-width `radius` (a float or a (B,) tensor, in the unit of `dist`: sites of a periodic 1-D grid by
+    default), in the dtype and on the device of `like`."""
+    dist = block_distances(Nx, block, like.dtype, like.device, dist).unsqueeze(0)
     c = radius.to(like).view(-1, 1, 1) if isinstance(radius, torch.Tensor) else radius
     if taper == "gc":
         return gaspari_cohn(dist / c)
@@ -69,6 +75,8 @@ class LETKF(InflatedEnsembleFilter):
     by the mean distance from the block's sites, as DAPPER's batches: `block` times fewer eigendecompositions
     (the cost of the LETKF here; DAPPER's Kuramoto–Sivashinsky setup uses blocks of 4).
     Inflation `infl` multiplies the forecast anomalies, as in the ETKF here (DAPPER inflates after the analysis).
+    On a model with `distances()` (QG on the sphere) the taper is in great-circle distance and `radius` is in
+    km; blocks of consecutive grid points then lie along a latitude row.
 
     prior "N": the local EnKF-N. At every site the finite-size prior's inflation is estimated from the local
     problem (the dual cost of `ensemble.EnKF_N`, hyperprior scaled by `xN`), then the local ETKF update of the
@@ -86,19 +94,25 @@ class LETKF(InflatedEnsembleFilter):
     """
 
     method: Literal["letkf"] = "letkf"
-    radius: float = Field(10.0, gt=0, description="localisation half-width in sites (Gaspari–Cohn: zero beyond "
-                          "2 × radius); DAPPER's loc_rad × 1.82")
+    radius: float = Field(10.0, gt=0, description="localisation half-width in sites, or in km on a model with "
+                          "great-circle distances (QG on the sphere) (Gaspari–Cohn: zero beyond 2 × radius); "
+                          "DAPPER's loc_rad × 1.82")
     taper: Literal["gc", "step"] = Field("gc", description='"gc": Gaspari–Cohn; "step": weight 1 up to radius, 0 beyond')
     prior: Literal["infl", "N"] = Field("infl", description='"infl": local ETKF with inflation infl; "N": local '
                                         'EnKF-N (inflation estimated at every site)')
     xN: float = Field(1.0, gt=0, description='hyperprior confidence of the "N" prior (as in EnKF_N)')
     block: int = Field(1, ge=1, description="sites analysed together: blocks of this many consecutive sites share "
                        "one local analysis, the taper measured by the mean distance from the block (must divide Nx)")
+    dist: torch.Tensor | None = Field(None, exclude=True, description="(Nx, Nx) distances between the state "
+                                      "variables, set by prepare() from the model's distances() (None: a periodic "
+                                      "1-D grid, in sites)")
     tunable: ClassVar[tuple[str, ...]] = ("infl", "radius", "xN")
 
     def prepare(self, model, observer, dtype, device) -> "LETKF":
         if model.Nx % self.block:
             raise ValueError(f"filter.block must divide model.Nx = {model.Nx} (got {self.block})")
+        if hasattr(model, "distances"):
+            return self.model_copy(update={"dist": model.distances().to(dtype=dtype, device=device)})
         return self
 
     def update(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
@@ -107,7 +121,7 @@ class LETKF(InflatedEnsembleFilter):
         xb, X = mean_and_anomalies(E)
         S = obs.H(X) / obs.sigma  # (B, N, Nx)
         d = obs.innovation(xb) / obs.sigma  # (B, Nx)
-        rho = localisation(Nx, self.radius, E, self.taper, k)  # (B or 1, nb, Nx)
+        rho = localisation(Nx, self.radius, E, self.taper, k, self.dist)  # (B or 1, nb, Nx)
         outer = (S.mT.unsqueeze(-1) * S.mT.unsqueeze(-2)).reshape(B, Nx, N * N)  # s_j s_j^T, (B, Nx, N*N)
         G = (rho @ outer).view(B * nb, N, N)  # S_i S_i^T for every block i
         Sd = (rho @ (S * d.unsqueeze(-2)).mT).view(B * nb, N, 1)  # S_i d_i
