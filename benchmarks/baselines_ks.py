@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import command_line, markdown_table, merge_rows, provenance  # noqa: E402
+from _common import (TABLE_PROTOCOL, baseline_table, command_line, merge_rows, provenance,  # noqa: E402
+                     score_methods)
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "configs" / "ks"
@@ -153,11 +154,14 @@ METHODS = [
 ]
 
 
-def filter_table(a) -> None:
-    from danlab.config import load_config
-    from danlab.experiments.run_config import RunConfig
-    from danlab.experiments.runner import run_experiment, tune_on_seed
+KS_INTRO = ("# Classical baselines, Kuramoto–Sivashinsky (Nx 128, length 32π, ETDRK4 dt 0.5, Δt 1, H = I, R = I)\n\n"
+            + TABLE_PROTOCOL + "Published: DAPPER's bocquet2019 settings (dapper/mods/KS/bocquet2019.py), which inflate "
+            "after the analysis, add random rotations and score 2 × 10^4 cycles; their LETKF radius is loc_rad × 1.82 "
+            "here (the Gaspari–Cohn half-width, in sites), with blocks of 4 sites as here. Climatology (the mean state) "
+            "scores the spatial std of the attractor, 1.3 (docs/results/ks_model.md); DAPPER lists 1.3.\n\n")
 
+
+def filter_table(a) -> None:
     cycles, exps = (a.cycles or (1_500 if a.quick else 10_500)), (a.experiments or (2 if a.quick else 4))
     burn = 500 if a.quick else 1000
     tune_cycles, tune_burn, tune_exps = (800, 300, 2) if a.quick else (2_500, 500, 2)
@@ -165,67 +169,14 @@ def filter_table(a) -> None:
         burn = a.burn_in
     if a.tune_cycles is not None:
         tune_cycles, tune_burn = a.tune_cycles, min(tune_burn, a.tune_cycles // 3)
-    rows = []
-    for name, file, over, grids, target in METHODS:
-        if a.only and not any(t in name for t in a.only.split("|")):
-            continue
-        base = [f"threads={a.threads}"] + over
-        best, t0 = {}, time.perf_counter()
-        if grids and a.tuned_from:  # the values tuned (on seed 1) by an earlier run of this script
-            prev = {r["method"]: r for r in json.loads(Path(a.tuned_from).read_text())}[name]
-            best = {f"filter.{kv.split('=')[0]}": json.loads(kv.split("=")[1]) for kv in prev["tuned"].split(", ")}
-            print(f"  {name}: tuned values {best} from {a.tuned_from}", flush=True)
-        elif grids:
-            best, res = tune_on_seed(CFG / file, base, grids, cycles=tune_cycles, burn_in=tune_burn, batch=tune_exps, seed=1)
-            print(f"  tuned {name}: best {best} (aRMSE {res['armse']:.4f} on tuning seeds, {time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-        fixed = base + [f"{k}={v}" for k, v in best.items()]
-        cfg = load_config(RunConfig, CFG / file, fixed + [f"cycles={cycles}", f"burn_in={burn}", f"batch={exps}", "seed=0"])
-        acc = run_experiment(cfg, None)
-        edge = [k.split(".")[-1] for k, v in best.items() for g in grids
-                if g.split("=")[0] == k.split(".")[-1] and str(v) in (g.split("=")[1].split(",")[0], g.split("=")[1].split(",")[-1])]
-        row = {"method": name, "tuned": ", ".join(f"{k.split('.')[-1]}={v}" for k, v in best.items()) or "—",
-               "edge": ", ".join(edge),
-               "grids": "; ".join(grids) or "—", "armse": acc["armse"], "armse_ci": acc["armse_ci"],
-               "spread": acc["spread"], "scored_cycles": (cycles - burn) * exps, "diverged": acc["n_diverged"],
-               "target": target, "exp_cycles_per_s": acc["experiment_cycles_per_s"],
-               "tuning": (prev["tuning"] if a.tuned_from else f"seed 1, {tune_exps} × {tune_cycles} cycles") if grids else "—",
-               "scored": f"{exps} × {cycles - burn} after {burn}", "command": command_line(), "code": provenance()}
-        rows.append(row)
-        print(f"{name}: aRMSE {row['armse']:.4f} ± {row['armse_ci']:.4f} [{row['tuned']}] "
-              f"{row['exp_cycles_per_s']:.0f} experiment-cycles/s", flush=True)
+    rows = score_methods(METHODS, CFG, a, cycles=cycles, exps=exps, burn=burn, tune_cycles=tune_cycles,
+                         tune_burn=tune_burn, tune_exps=tune_exps)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "ks_baselines" + ("_quick" if a.quick else "")
     if a.only and (out / f"{stem}.json").is_file():  # keep the other methods' rows, in the order of METHODS
         rows = merge_rows(json.loads((out / f"{stem}.json").read_text()), rows, [m for m, *_ in METHODS])
-    write_table(rows, out, stem)
-
-
-def write_table(rows: list[dict], out: Path, stem: str, note: str = "") -> None:
-    """{stem}.json and {stem}.md from the rows; each row says the command and code that made it."""
-    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    commands = list(dict.fromkeys(r["command"] for r in rows))
-    table = markdown_table(
-        ["method", "tuned (grid)", "aRMSE ± 95% CI", "published", "spread", "scored", "diverged",
-         "experiment-cycles/s", "made by"],
-        [[r["method"], f"{r['tuned']} ({r['grids']})" + (f" *edge: {r['edge']}*" if r.get("edge") else ""),
-          f"{r['armse']:.3f} ± {r['armse_ci']:.3f}", r["target"], f"{r['spread']:.3f}", r["scored"], r["diverged"],
-          f"{r['exp_cycles_per_s']:.0f}", f"({commands.index(r['command']) + 1})"] for r in rows])
-    text = ("# Classical baselines, Kuramoto–Sivashinsky (Nx 128, length 32π, ETDRK4 dt 0.5, Δt 1, H = I, R = I)\n\n"
-            "aRMSE: mean over the scored experiments (seed 0) of the time mean of the analysis RMSE after the burn-in "
-            "(column *scored*: experiments × scored cycles); the 95% interval is corrected for autocorrelation. "
-            "Hyperparameters tuned on seed 1 (column *tuned*: the best value and the grid; the budget in the JSON, "
-            "key `tuning`), one batched run per grid; a best value on the edge of its grid is marked *edge*. "
-            "Published: DAPPER's bocquet2019 settings (dapper/mods/KS/bocquet2019.py), which inflate after the analysis, "
-            "add random rotations and score 2 × 10^4 cycles; their LETKF radius is loc_rad × 1.82 here (the "
-            "Gaspari–Cohn half-width, in sites), with blocks of 4 sites as here. Climatology (the mean state) scores "
-            "the spatial std of the attractor, 1.3 (docs/results/ks_model.md); DAPPER lists 1.3.\n\n" + table
-            + "\nMade by:\n\n" + "".join(f"{i + 1}. `{c}` ({next(r['code'] for r in rows if r['command'] == c)})\n"
-                                          for i, c in enumerate(commands))
-            + (f"\n{note}\n" if note else ""))
-    (out / f"{stem}.md").write_text(text)
-    print(text)
+    baseline_table(rows, out, stem, KS_INTRO)
 
 
 def render(a) -> None:
@@ -235,7 +186,7 @@ def render(a) -> None:
         rows = merge_rows(rows, json.loads(Path(path).read_text()), [m for m, *_ in METHODS])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_table(rows, out, a.stem, a.note or "")
+    baseline_table(rows, out, a.stem, KS_INTRO, a.note or "")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
