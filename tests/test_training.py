@@ -218,6 +218,16 @@ def test_resumed_run_with_a_teacher_equals_uninterrupted(tmp_path):
     t = Trainer(tiny(), tmp_path / "c")
     t.load()
     assert t.step == 6 and t.teacher is None
+    # idle after the distillation (teacher_weight 0), the teacher is not checkpointed; switched on at a resume,
+    # it starts around the current truths, not around stale ensembles
+    from danlab.checkpoint import read_checkpoint
+    from danlab.metrics import rmse
+    from danlab.training.trainer import TRAIN_FORMAT
+    train(tiny(distill_steps=2, teacher_N=8), tmp_path / "d", stop_after=4, progress=False)
+    assert "state.E_teacher" not in read_checkpoint(tmp_path / "d", "checkpoint", TRAIN_FORMAT)[0]
+    t = Trainer(tiny(distill_steps=2, teacher_N=8, teacher_weight=1.0), tmp_path / "d")
+    t.load()
+    assert float(rmse(t.E_teacher.mean(1), t.twin.x).max()) < 1.0  # members N(x, 1): the mean within ~1/sqrt(8)
 
 
 def test_distillation_steps_regress_the_analysis_of_the_teachers_forecast(tmp_path):

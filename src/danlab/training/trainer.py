@@ -222,7 +222,7 @@ class Trainer:
             for k, v in st.items():
                 t[f"optim.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
         t["state.E"], t["state.x"] = self.E, self.twin.x
-        if self.teacher is not None:
+        if self.teacher_in_use():  # a teacher idle since the distillation is not kept: it would be stale
             t["state.E_teacher"] = self.E_teacher
         for name, rng in self._rngs():
             for j, s in enumerate(rng.get_state()):
@@ -267,7 +267,8 @@ class Trainer:
             if len(x) != len(fresh_x):  # a new batch size: keep the first trajectories, fill up with fresh ones
                 keep = min(len(x), len(fresh_x))
                 self.E, x = torch.cat([self.E[:keep], fresh_E[keep:]]), torch.cat([x[:keep], fresh_x[keep:]])
-            if self.teacher is not None and "state.E_teacher" in t:  # else: a teacher switched on now starts afresh
+            fresh_teacher = self.teacher is not None and "state.E_teacher" not in t
+            if self.teacher is not None and not fresh_teacher:
                 ET = t["state.E_teacher"].to(self.cfg.train.device)
                 keep = min(len(ET), len(self.E_teacher))
                 self.E_teacher = torch.cat([ET[:keep], self.E_teacher[keep:]])
@@ -281,6 +282,8 @@ class Trainer:
         self.reset_rng.set_state(rngs["reset"])
         if "teacher" in rngs:
             self.teacher_rng.set_state(rngs["teacher"])
+        if fresh_teacher:  # a teacher switched on at this resume (or again after idle windows) starts afresh
+            self.E_teacher = initial_ensemble(self.twin.x, self.teacher.N, self.teacher_rng, self.cfg.train.init_std)
         self.step, self.wall_s = int(meta["step"]), float(meta["wall_s"])
         self.best, self.threshold = float(meta["best_val_armse"]), float(meta["threshold"])
         self.history = list(meta.get("schedule_history", []))
@@ -290,6 +293,11 @@ class Trainer:
         changed = {k: getattr(self.cfg.train, k) for k in knobs if old.get(k, default[k]) != getattr(self.cfg.train, k)}
         if changed:
             self.history.append({"step": self.step, "set": changed})
+
+    def teacher_in_use(self) -> bool:
+        """Whether the teacher is cycled at this step: during the distillation, or for windows with a teacher weight."""
+        tc = self.cfg.train
+        return self.teacher is not None and (tc.teacher_weight > 0 or self.step < tc.distill_steps)
 
     def _rngs(self) -> tuple:
         return (("truth", self.twin.truth_rng), ("obs", self.twin.obs_rng), ("reset", self.reset_rng),
@@ -347,7 +355,7 @@ class Trainer:
             x, obs = self.twin.step()
             with self._amp():  # the learned filter's own cycle, as in every run; autocast leaves the model's ops alone
                 _, E = self.filter.cycle(E, self.model, obs, None)  # a_theta draws no random numbers
-            target = self.teacher_target(x, obs, tc.teacher_weight)[0] if tc.teacher_weight > 0 else x
+            target = self.teacher_target(x, obs, tc.teacher_weight)[0] if self.teacher_in_use() else x
             loss = loss + (E - target.unsqueeze(1)).pow(2).mean()
         self.last_obs = obs
         return loss / tc.N_iter, E, x
