@@ -216,9 +216,10 @@ def report(out: dict) -> str:
           f"{out['machine']['cores']} cores, AVX-512 {out['machine']['avx512']}, AMX {out['machine']['amx']}, "
           f"run at nice {out['machine'].get('nice', '?')}; "
           f"load average {out['load_before']} before, {out['load_after']} after (1, 5, 15 min). "
-          "**The machine was shared and loaded** (a training and other engineers' jobs on 2 cores): absolute times are "
-          "several times those of a quiet machine; the ratios compare numbers measured in the same run, repetitions "
-          "interleaved, the fastest kept.\n",
+          + ("**The machine was shared and loaded** (other jobs on its cores): absolute times are several times "
+             "those of a quiet machine; " if out["load_before"][0] > 0.5 * out["machine"]["cores"] else
+             "The machine was otherwise idle when the run started; ")
+          + "the ratios compare numbers measured in the same run, repetitions interleaved, the fastest kept.\n",
           "Per cycle: truth and observations, forecast of every member, analysis, statistics (`run_cycles`). "
           "a_θ: weights/l96_nf40_ne1, one state, float32. EnKF-N: xN 2, float64.\n"]
     for t in sorted({r["threads"] for r in rows}):
