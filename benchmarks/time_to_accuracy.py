@@ -44,7 +44,9 @@ BASE = "configs/l96/dan_nf40.yaml"
 # Named recipes: the default config, and one lever at a time taken away from it (or added to it).
 RECIPES = {
     "default": (BASE, []),
-    "no-distill": (BASE, ["train.distill_steps=0"]),
+    # the previous default: the distillation, then windows against the teacher's analysis mean
+    "teacher-windows": (BASE, ["train.teacher_weight=1"]),
+    "teacher-no-distill": (BASE, ["train.distill_steps=0", "train.teacher_weight=1"]),
     "truth-target": (BASE, ["train.distill_steps=0", "train.teacher_weight=0"]),
     # the distillation start, then the truth's windows at once (no teacher windows), a cosine sized to 2 h
     "distill-then-truth": (BASE, ["train.teacher_weight=0", "train.max_steps=5000"]),
