@@ -45,13 +45,15 @@ TABLE_PROTOCOL = ("aRMSE: mean over the scored experiments (seed 0) of the time 
 
 
 def score_methods(methods: list[tuple], cfg_dir: Path, a, *, cycles: int, exps: int, burn: int, tune_cycles: int,
-                  tune_burn: int, tune_exps: int) -> list[dict]:
+                  tune_burn: int, tune_exps: int, extra=None) -> list[dict]:
     """One row per method (name, config file in cfg_dir, overrides, tuning grids, published score) whose name
     matches `a.only` (texts separated by |): its grids tuned by one batched run on seed 1 (or the values read
-    from `a.tuned_from`, an earlier table's JSON), then scored on seed 0 with the best values."""
+    from `a.tuned_from`, an earlier table's JSON), then scored on seed 0 with the best values. A smoother's row
+    also has its smoothed aRMSE (armse_s). extra(file, overrides with the tuned values): more columns for the row
+    (e.g. speed runs)."""
     from danlab.config import load_config
     from danlab.experiments.run_config import RunConfig
-    from danlab.experiments.runner import run_experiment, tune_on_seed
+    from danlab.experiments.runner import parse_grid, run_experiment, tune_on_seed
 
     rows = []
     for name, file, over, grids, target in methods:
@@ -71,15 +73,17 @@ def score_methods(methods: list[tuple], cfg_dir: Path, a, *, cycles: int, exps: 
         fixed = base + [f"{k}={v}" for k, v in best.items()]
         cfg = load_config(RunConfig, cfg_dir / file, fixed + [f"cycles={cycles}", f"burn_in={burn}", f"batch={exps}", "seed=0"])
         acc = run_experiment(cfg, None)
-        edge = [k.split(".")[-1] for k, v in best.items() for g in grids
-                if g.split("=")[0] == k.split(".")[-1] and str(v) in (g.split("=")[1].split(",")[0], g.split("=")[1].split(",")[-1])]
+        edge = [k.split(".")[-1] for k, v in best.items() for g, vals in map(parse_grid, grids)
+                if g == k and v in (vals[0], vals[-1])]
         row = {"method": name, "tuned": ", ".join(f"{k.split('.')[-1]}={v}" for k, v in best.items()) or "—",
                "edge": ", ".join(edge),
                "grids": "; ".join(grids) or "—", "armse": acc["armse"], "armse_ci": acc["armse_ci"],
                "spread": acc["spread"], "scored_cycles": (cycles - burn) * exps, "diverged": acc["n_diverged"],
+               **({"armse_s": acc["armse_s"], "armse_s_ci": acc["armse_s_ci"]} if "armse_s" in acc else {}),
                "target": target, "exp_cycles_per_s": acc["experiment_cycles_per_s"],
                "tuning": (prev["tuning"] if a.tuned_from else f"seed 1, {tune_exps} × {tune_cycles} cycles") if grids else "—",
                "scored": f"{exps} × {cycles - burn} after {burn}", "command": command_line(), "code": provenance()}
+        row |= extra(file, fixed) if extra else {}
         rows.append(row)
         print(f"{name}: aRMSE {row['armse']:.4f} ± {row['armse_ci']:.4f} [{row['tuned']}] "
               f"{row['exp_cycles_per_s']:.0f} experiment-cycles/s", flush=True)

@@ -22,34 +22,34 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import command_line, markdown_table, merge_rows, provenance  # noqa: E402
+from _common import command_line, markdown_table, merge_rows, provenance, score_methods  # noqa: E402
 
 from danlab.config import load_config  # noqa: E402
 from danlab.experiments.run_config import RunConfig  # noqa: E402
-from danlab.experiments.runner import run_experiment, tune_on_seed  # noqa: E402
+from danlab.experiments.runner import run_experiment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "configs" / "l96"
 
 VAR4D_SCALES = "0.003,0.005,0.0075,0.01,0.015,0.02,0.04"
 
-# name, config file, overrides, tuning grid (None: no tuning), target from the issue / literature
+# name, config file, overrides, tuning grids, target from the issue / literature
 METHODS = [
-    ("EnKF-N, N=20, xN=2", "enkf_n.yaml", ["filter.N=20", "filter.xN=2"], None, "0.19 ± 0.01"),
-    ("EnKF-N, N=40, xN=2", "enkf_n.yaml", ["filter.N=40", "filter.xN=2"], None, "0.18 ± 0.01"),
-    ("EnKF-N, N=20, xN=1", "enkf_n.yaml", ["filter.N=20", "filter.xN=1"], None, "—"),
-    ("ETKF, N=20, tuned inflation", "etkf.yaml", ["filter.N=20"], "infl=1.00:1.10:0.01", "≤ 0.20"),
-    ("EnKF (perturbed obs), N=20, tuned inflation", "enkf.yaml", ["filter.N=20"], "infl=1.00:1.30:0.03", "—"),
+    ("EnKF-N, N=20, xN=2", "enkf_n.yaml", ["filter.N=20", "filter.xN=2"], [], "0.19 ± 0.01"),
+    ("EnKF-N, N=40, xN=2", "enkf_n.yaml", ["filter.N=40", "filter.xN=2"], [], "0.18 ± 0.01"),
+    ("EnKF-N, N=20, xN=1", "enkf_n.yaml", ["filter.N=20", "filter.xN=1"], [], "—"),
+    ("ETKF, N=20, tuned inflation", "etkf.yaml", ["filter.N=20"], ["infl=1.00:1.10:0.01"], "≤ 0.20"),
+    ("EnKF (perturbed obs), N=20, tuned inflation", "enkf.yaml", ["filter.N=20"], ["infl=1.00:1.30:0.03"], "—"),
     ("IEnKF, N=20, EnKF-N prior, tuned xN", "ienkf.yaml", ["filter.N=20", "filter.prior=N", "filter.infl=1.0"],
-     "xN=1,1.5,2,3,4", "≤ 0.18"),
-    ("IEnKF, N=20, tuned inflation", "ienkf.yaml", ["filter.N=20", "filter.prior=infl"], "infl=1.000:1.040:0.005", "≤ 0.18"),
-    ("3D-Var, tuned B scale", "var3d.yaml", [], "scale=0.01,0.015,0.02,0.025,0.03,0.04,0.05,0.07,0.1", "0.40 ± 0.02"),
-    ("IEnKS, N=20, lag 1, EnKF-N prior xN=2", "ienks.yaml", ["filter.N=20", "filter.lag=1", "filter.xN=2"], None,
+     ["xN=1,1.5,2,3,4"], "≤ 0.18"),
+    ("IEnKF, N=20, tuned inflation", "ienkf.yaml", ["filter.N=20", "filter.prior=infl"], ["infl=1.000:1.040:0.005"], "≤ 0.18"),
+    ("3D-Var, tuned B scale", "var3d.yaml", [], ["scale=0.01,0.015,0.02,0.025,0.03,0.04,0.05,0.07,0.1"], "0.40 ± 0.02"),
+    ("IEnKS, N=20, lag 1, EnKF-N prior xN=2", "ienks.yaml", ["filter.N=20", "filter.lag=1", "filter.xN=2"], [],
      "0.174 ± 0.005"),
-    ("IEnKS, N=20, lag 5, EnKF-N prior xN=2", "ienks.yaml", ["filter.N=20", "filter.lag=5", "filter.xN=2"], None,
+    ("IEnKS, N=20, lag 5, EnKF-N prior xN=2", "ienks.yaml", ["filter.N=20", "filter.lag=5", "filter.xN=2"], [],
      "≤ lag 1"),
-    ("4D-Var, lag 1, tuned B scale", "var4d.yaml", ["filter.lag=1"], f"scale={VAR4D_SCALES}", "≈ 0.41 (3D-Var)"),
-    ("4D-Var, lag 5, tuned B scale", "var4d.yaml", ["filter.lag=5"], f"scale={VAR4D_SCALES}", "< lag 1"),
+    ("4D-Var, lag 1, tuned B scale", "var4d.yaml", ["filter.lag=1"], [f"scale={VAR4D_SCALES}"], "≈ 0.41 (3D-Var)"),
+    ("4D-Var, lag 5, tuned B scale", "var4d.yaml", ["filter.lag=5"], [f"scale={VAR4D_SCALES}"], "< lag 1"),
 ]
 
 
@@ -58,35 +58,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short runs (a smoke test, not the reference figures)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
-    ap.add_argument("--only", help="run only the methods whose name contains this text (their rows replace "
-                    "those of the same name in the existing table, the others are kept)")
+    ap.add_argument("--only", help="run only the methods whose name contains this text, or one of the texts "
+                    "separated by | (their rows replace those of the same name in the existing table, the others are kept)")
+    ap.add_argument("--tuned-from", help="take the tuned values from this earlier JSON instead of tuning")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cycles, burn, exps = (2_500, 500, 2) if a.quick else (10_500, 500, 4)
     tune_cycles, tune_exps = (1_000, 2) if a.quick else (3_000, 4)
-    rows = []
-    for name, file, over, grid, target in METHODS:
-        if a.only and a.only not in name:
-            continue
-        base = [f"threads={a.threads}"] + over
-        best = {}
-        if grid:
-            best, res = tune_on_seed(CFG / file, base, [grid], cycles=tune_cycles, burn_in=min(500, tune_cycles // 3),
-                                     batch=tune_exps, seed=1)
-            print(f"  tuned {name}: best {best} (aRMSE {res['armse']:.4f} on tuning seeds)", flush=True)
-        fixed = base + [f"{k}={v}" for k, v in best.items()]
-        cfg = load_config(RunConfig, CFG / file, fixed + [f"cycles={cycles}", f"burn_in={burn}", f"batch={exps}", "seed=0"])
-        acc = run_experiment(cfg, None)
+    def speed(file: str, fixed: list[str]) -> dict:  # one experiment alone, and a batch of 64
         one = run_experiment(load_config(RunConfig, CFG / file, fixed + ["cycles=1000", "burn_in=100", "batch=1", "seed=2"]), None)
         b64 = run_experiment(load_config(RunConfig, CFG / file, fixed + ["cycles=300", "burn_in=50", "batch=64", "seed=3"]), None)
-        row = {"method": name, "tuned": ", ".join(f"{k.split('.')[-1]}={v}" for k, v in best.items()) or "—",
-               "armse": acc["armse"], "armse_ci": acc["armse_ci"], "spread": acc["spread"],
-               "armse_s": acc.get("armse_s", float("nan")), "armse_s_ci": acc.get("armse_s_ci", float("nan")),
-               "scored_cycles": (cycles - burn) * exps, "diverged": acc["n_diverged"], "target": target,
-               "cycles_per_s_B1": one["cycles_per_s"], "exp_cycles_per_s_B64": b64["experiment_cycles_per_s"]}
-        rows.append(row)
-        print(f"{name}: aRMSE {row['armse']:.4f} ± {row['armse_ci']:.4f} [{row['tuned']}]  "
-              f"{row['cycles_per_s_B1']:.0f} cycles/s (B=1), {row['exp_cycles_per_s_B64']:.0f} exp-cycles/s (B=64)", flush=True)
+        return {"cycles_per_s_B1": one["cycles_per_s"], "exp_cycles_per_s_B64": b64["experiment_cycles_per_s"]}
+
+    rows = score_methods(METHODS, CFG, a, cycles=cycles, exps=exps, burn=burn, tune_cycles=tune_cycles,
+                         tune_burn=min(500, tune_cycles // 3), tune_exps=tune_exps, extra=speed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "baselines_l96" + ("_quick" if a.quick else "")
