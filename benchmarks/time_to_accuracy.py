@@ -50,6 +50,11 @@ RECIPES = {
     "truth-target": (BASE, ["train.distill_steps=0", "train.teacher_weight=0"]),
     # the distillation start, then the truth's windows at once (no teacher windows), a cosine sized to 2 h
     "distill-then-truth": (BASE, ["train.teacher_weight=0", "train.max_steps=5000"]),
+    # the issue's probe as a recipe: 2,000 single-cycle steps over a stored set of 76,800 teacher pairs (400 cycles
+    # on 256 trajectories, 100 dropped) at a constant 1e-3, then the truth's windows from a fresh optimiser at a lower
+    # rate, 3e-4, with a cosine sized to a 1.75-h budget
+    "stored-distill": (BASE, ["train.teacher_weight=0", "train.distill_cycles=400", "train.distill_steps=2000",
+                              "train.distill_lr=1e-3", "train.lr=3e-4", "train.max_steps=4600"]),
     "old-default": (BASE, ["train.distill_steps=0", "train.teacher_weight=0", "train.lr_head=1.0", "train.ema=0",
                            "train.warmup=200"]),
     # observations only (eq. 15): the same windows as truth-target, for the equal-budget comparison of issue 15

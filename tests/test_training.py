@@ -270,6 +270,62 @@ def test_distillation_steps_regress_the_analysis_of_the_teachers_forecast(tmp_pa
         tiny(distill_steps=2, N=12, teacher_N=10)
 
 
+def test_stored_distillation_reuses_teacher_pairs_over_epochs(tmp_path):
+    """distill_cycles > 0: the teacher's (forecast mean, observations) → analysis mean pairs are made once, from a
+    stream of their own, and drawn in shuffled minibatches of 2 Nt; each epoch visits every pair once; the training
+    trajectories wait for the windows; a run interrupted inside it and resumed equals an uninterrupted one."""
+    from danlab.observations import Obs
+    cfg = tiny(distill_steps=4, distill_cycles=5, distill_burn_in=2, teacher_N=8)  # 3 × 32 pairs: 3 steps an epoch
+    tr = Trainer(cfg, tmp_path / "a")
+    p = tr.distill_set()
+    assert len(p["x"]) == 3 * 32 and p["Ef"].shape == (96, 1, 40)
+    err = lambda a: float((a - p["x"]).pow(2).mean().sqrt())
+    assert err(p["xa"]) < err(p["Ef"][:, 0])  # the targets are analyses: closer to the truth than the forecasts
+    assert all(torch.equal(v, w) for v, w in zip(p.values(), Trainer(cfg, tmp_path / "b").distill_set().values())
+               if isinstance(v, torch.Tensor))  # a function of the seed alone
+    assert not any(torch.equal(tr.twin.x, x) for x in p["x"].view(3, 32, 40))  # not the training trajectories
+    E0, x0, net = tr.E.clone(), tr.twin.x.clone(), copy.deepcopy(tr.net)
+    loss, Ea, x = tr.stored_distill_loss()
+    idx = tr.perm[1][:32]
+    obs = Obs(p["y"][idx], p["mask"][idx], p["sigma"])
+    expected = (p["Ef"][idx] + net(p["Ef"][idx], obs.HtRinv_innovation(p["Ef"][idx].mean(1))) - p["xa"][idx, None]).pow(2).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5) and torch.equal(x, p["x"][idx])
+    seen = []
+    for _ in range(3):
+        seen.append(tr.perm[1][(tr.step % 3) * 32:(tr.step % 3 + 1) * 32])
+        tr.train_step()
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(96))  # one epoch: every pair once
+    assert tr.twin.k == 0 and torch.equal(tr.E, E0) and torch.equal(tr.twin.x, x0) and not tr.teacher_in_use()
+    tr.train_step()  # the next epoch reshuffles
+    assert tr.perm[0] == 1 and not torch.equal(tr.perm[1], torch.cat(seen))
+    tr.train_step()  # step 4: a window from the initial states, against the truth
+    assert tr.twin.k == cfg.train.N_iter
+    a, b = whole_and_resumed(cfg, tmp_path / "r", stop_after=2)
+    assert all(torch.equal(u, v) for u, v in zip(a.net.parameters(), b.net.parameters())) and torch.equal(a.E, b.E)
+    with pytest.raises(ValueError, match="distill_steps > 0"):
+        tiny(distill_cycles=5)
+    with pytest.raises(ValueError, match="distill_burn_in"):
+        tiny(distill_steps=2, distill_cycles=5, distill_burn_in=5)
+
+
+def test_distill_lr_makes_two_phases_each_warmed_up_the_windows_with_a_fresh_optimiser(tmp_path):
+    tc = tiny(distill_steps=10, distill_lr=1e-3, lr=3e-4, lr_min=1e-5, warmup=2, max_steps=32).train
+    assert lr_at(0, tc) == pytest.approx(5e-4) and lr_at(1, tc) == lr_at(9, tc) == 1e-3
+    assert lr_at(10, tc) == pytest.approx(1.5e-4) and lr_at(11, tc) == pytest.approx(3e-4)
+    assert lr_at(22, tc) == pytest.approx((3e-4 + 1e-5) / 2) and lr_at(32, tc) == pytest.approx(1e-5)
+    one = tiny(distill_steps=10, lr=3e-4, warmup=2, max_steps=30).train  # without it: one cosine over all steps
+    assert lr_at(10, one) < lr_at(9, one) < 3e-4
+    # the optimiser's moments are cleared at the switch, and only there
+    tr = Trainer(tiny(distill_steps=2, distill_cycles=4, distill_burn_in=1, distill_lr=1e-3, teacher_N=8), tmp_path)
+    tr.train_step()
+    tr.train_step()
+    v = {id(p): tr.opt.state[p]["exp_avg_sq"].clone() for p in tr.net.parameters()}
+    tr.train_step()  # step 2: the first window, from a fresh state: one Adam step's moments
+    p = tr.net.gain
+    assert tr.opt.state[p]["step"] == 1 and torch.allclose(tr.opt.state[p]["exp_avg_sq"], 0.001 * p.grad.pow(2))
+    assert not torch.allclose(tr.opt.state[p]["exp_avg_sq"], 0.999 * v[id(p)] + 0.001 * p.grad.pow(2))
+
+
 def test_semisupervised_loss_is_eq15_over_every_analysis_of_the_window(tmp_path):
     """L = mean over the N_iter analyses x^a_k of |y_k+1 - H M(x^a_k)|² / Ny, replayed by hand; the last
     observations are then assimilated into the carried state; with N_iter = 1 the loss has a gradient."""

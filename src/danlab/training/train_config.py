@@ -33,6 +33,15 @@ class TrainConfig(Strict):
     distill_steps: int = Field(0, ge=0, description="first optimiser steps that are single cycles (a_θ on the teacher's "
                                "forecast mean and on its own forecast, against the teacher's analysis mean, the model not differentiated) "
                                "instead of N_iter-cycle windows: a cheap warm start")
+    distill_cycles: int = Field(0, ge=0, description="0: the distillation is online (a teacher cycle per step, on the "
+                                "training trajectories). > 0: it reuses a stored set instead: the teacher is cycled this "
+                                "many cycles on 2 Nt trajectories of its own, and its (forecast mean, observations) → analysis "
+                                "mean pairs after distill_burn_in cycles are drawn in shuffled minibatches of 2 Nt, epoch "
+                                "after epoch; no teacher cost per step, the training trajectories wait for the windows")
+    distill_burn_in: int = Field(100, ge=0, description="teacher cycles not stored (its spin-up) when distill_cycles > 0")
+    distill_lr: float | None = Field(None, gt=0, description="None: one warm-up and cosine over all steps. A value: two "
+                                     "phases; the distillation steps warm up to this constant rate, then the windows start "
+                                     "with a fresh optimiser state, warm up again to lr, and the cosine to lr_min spans them")
     teacher_xN: float = Field(2.0, gt=0, description="hyperprior confidence xN of the teacher EnKF-N")
     init_std: float = Field(1.0, ge=0, description="initial ensemble: truth + N(0, init_std^2)")
     reset_factor: float = Field(3.0, gt=0, description="reset a trajectory whose analysis RMSE exceeds this times the truth's spread")
@@ -58,6 +67,10 @@ class TrainConfig(Strict):
             raise ValueError(f"lr_min must be <= lr (got {self.lr_min} > {self.lr})")
         if (self.teacher_weight > 0 or self.distill_steps > 0) and self.loss != "supervised":
             raise ValueError(f"teacher_weight > 0 and distill_steps > 0 need loss: supervised (got loss: {self.loss})")
+        if self.distill_cycles > 0 and self.distill_steps == 0:
+            raise ValueError("distill_cycles > 0 stores pairs for distillation steps: set distill_steps > 0 too")
+        if self.distill_cycles > 0 and self.distill_burn_in >= self.distill_cycles:
+            raise ValueError(f"distill_burn_in must be < distill_cycles (got {self.distill_burn_in} >= {self.distill_cycles})")
         if self.distill_steps > 0 and self.N > self.teacher_N:
             raise ValueError(f"distill_steps > 0 needs N <= teacher_N (got N {self.N} > teacher_N {self.teacher_N})")
         return self

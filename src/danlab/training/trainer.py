@@ -51,7 +51,8 @@ from danlab.filters.ensemble import EnKF_N
 from danlab.learned import Learned, save_net
 from danlab.metrics import rmse
 from danlab.nets import build_net
-from danlab.rng import BatchRNG, make_generator
+from danlab.observations import Obs
+from danlab.rng import BatchRNG, derive_seed, make_generator
 from danlab.training.train_config import TrainRunConfig
 from danlab.twin import TwinStream
 
@@ -68,7 +69,7 @@ RUNTIME_KNOBS = {"train.device", "train.threads", "train.bf16", "train.compile",
 # the teacher's weight in the target may change too (e.g. to 0 for the final decay); a teacher switched on at a
 # resume starts from fresh ensembles around the current truths
 SCHEDULE_KNOBS = {"train.max_steps", "train.lr", "train.lr_min", "train.warmup", "train.lr_head", "train.ema", "train.Nt",
-                  "train.teacher_weight", "train.distill_steps"}
+                  "train.teacher_weight", "train.distill_steps", "train.distill_lr"}
 HEAD = ("out.", "gain")  # parameters whose learning rate is lr × lr_head
 # val_armse is the validated (and saved) network's: the averaged one when ema > 0, whose raw weights score val_raw_armse
 METRICS = ["step", "wall_s", "lr", "loss", "train_rmse", "resets", "skipped", "val_armse", "val_ci", "val_raw_armse"]
@@ -126,11 +127,22 @@ def _with_defaults(saved):
         return saved
 
 
+def two_phase(tc) -> bool:
+    """Whether the distillation and the windows are two phases, each with its own warm-up and schedule, the
+    optimiser's state cleared between them (distill_lr set)."""
+    return tc.distill_lr is not None and tc.distill_steps > 0
+
+
 def lr_at(step: int, tc) -> float:
-    """Linear warm-up, then cosine decay from lr to lr_min over the remaining steps."""
-    if step < tc.warmup:
-        return tc.lr * (step + 1) / tc.warmup
-    t = (step - tc.warmup) / max(tc.max_steps - tc.warmup, 1)
+    """Linear warm-up, then cosine decay from lr to lr_min over the remaining steps. In two phases (distill_lr
+    set): the distillation steps warm up to distill_lr and stay there, then the windows warm up again to lr
+    and the cosine spans them alone."""
+    if two_phase(tc) and step < tc.distill_steps:
+        return tc.distill_lr * min(step + 1, tc.warmup) / max(tc.warmup, 1)
+    start = tc.distill_steps if two_phase(tc) else 0
+    if step - start < tc.warmup:
+        return tc.lr * (step - start + 1) / tc.warmup
+    t = (step - start - tc.warmup) / max(tc.max_steps - start - tc.warmup, 1)
     return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
@@ -199,6 +211,8 @@ class Trainer:
         self.teacher = EnKF_N(N=tc.teacher_N, xN=tc.teacher_xN) if tc.teacher_weight > 0 or tc.distill_steps > 0 else None
         self.teacher_rng = BatchRNG(cfg.seed, "teacher", tc.Nt)
         self.E_teacher = initial_ensemble(self.twin.x, tc.teacher_N, self.teacher_rng, tc.init_std) if self.teacher else None
+        self.pairs: dict | None = None  # the stored distillation set (distill_cycles > 0), made when first needed
+        self.perm: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its permutation of the stored set)
         self.step, self.wall_s, self.best = 0, 0.0, float("inf")
         self.history: list[dict] = []  # schedule changes made on resume: [{"step": s, "set": {knob: value}}]
         # the analysis is the learned filter's own, compiled or not
@@ -295,9 +309,10 @@ class Trainer:
             self.history.append({"step": self.step, "set": changed})
 
     def teacher_in_use(self) -> bool:
-        """Whether the teacher is cycled at this step: during the distillation, or for windows with a teacher weight."""
+        """Whether the teacher is cycled on the training trajectories at this step: during an online distillation, or
+        for windows with a teacher weight."""
         tc = self.cfg.train
-        return self.teacher is not None and (tc.teacher_weight > 0 or self.step < tc.distill_steps)
+        return self.teacher is not None and (tc.teacher_weight > 0 or (self.step < tc.distill_steps and not tc.distill_cycles))
 
     def _rngs(self) -> tuple:
         return (("truth", self.twin.truth_rng), ("obs", self.twin.obs_rng), ("reset", self.reset_rng),
@@ -341,6 +356,55 @@ class Trainer:
             Ea, E = self.filter.analysis(torch.cat([Ef, Ef_own]), both, None).chunk(2)
         return 0.5 * ((Ea - target.unsqueeze(1)).pow(2).mean() + (E - target.unsqueeze(1)).pow(2).mean()), E, x
 
+    @torch.no_grad()
+    def distill_set(self) -> dict:
+        """The stored distillation set (distill_cycles > 0): the teacher cycled on 2 Nt trajectories of its own
+        seeded stream (not the training trajectories, not the validation's); after distill_burn_in cycles, each cycle
+        stores per trajectory its forecast mean (first N members when N > 1), the observations, its analysis mean
+        (the target) and the truth (for monitoring). A function of the seed and the config alone, so a resumed run
+        makes the same set again instead of checkpointing it. A teacher trajectory that fails restarts around its truth,
+        and that cycle is not stored."""
+        tc, B = self.cfg.train, 2 * self.cfg.train.Nt
+        seed = derive_seed(self.cfg.seed, "distill-set")
+        twin = TwinStream(self.model, self.observer, B, seed, ids=None, dtype=torch.float32, device=tc.device)
+        rng = BatchRNG(seed, "teacher", B)
+        ET = initial_ensemble(twin.x, tc.teacher_N, rng, tc.init_std)
+        keep: dict[str, list] = {"Ef": [], "y": [], "mask": [], "xa": [], "x": []}
+        for k in range(tc.distill_cycles):
+            x, obs = twin.step()
+            EfT, ET = self.teacher.cycle(ET, self.model, obs, None)
+            xa = ET.mean(1)
+            bad = lost(rmse(xa, x), self.threshold)
+            if bad.any():
+                ET = torch.where(bad.view(-1, 1, 1), initial_ensemble(x, tc.teacher_N, rng, tc.init_std), ET)
+            if k >= tc.distill_burn_in:
+                ok = ~bad
+                Ef = EfT.mean(1, keepdim=True) if tc.N == 1 else EfT[:, :tc.N]
+                for name, v in (("Ef", Ef), ("y", obs.y), ("mask", obs.mask), ("xa", xa), ("x", x)):
+                    keep[name].append(v[ok])
+        pairs = {k: torch.cat(v) for k, v in keep.items()}
+        pairs["sigma"] = obs.sigma
+        return pairs
+
+    def stored_distill_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A minibatch of 2 Nt stored pairs (see distill_set): a_θ's analysis of the teacher's forecast against the
+        teacher's analysis mean: (loss, a_θ's E^a, truth). Minibatch i of epoch e is slice i of a permutation drawn
+        from the seed and e, so the order depends on the step alone (a resumed run draws the same batches)."""
+        tc = self.cfg.train
+        if self.pairs is None:
+            self.pairs = self.distill_set()
+        P, bs = len(self.pairs["x"]), 2 * tc.Nt
+        per_epoch = max(P // bs, 1)
+        epoch, i = divmod(self.step, per_epoch)
+        if self.perm[0] != epoch:
+            self.perm = (epoch, torch.randperm(P, generator=make_generator(self.cfg.seed, f"distill-epoch/{epoch}")))
+        idx = self.perm[1][i * bs:(i + 1) * bs].to(tc.device)
+        p = self.pairs
+        obs = Obs(p["y"][idx], p["mask"][idx], p["sigma"])
+        with self._amp():
+            Ea = self.filter.analysis(p["Ef"][idx], obs, None)
+        return (Ea - p["xa"][idx].unsqueeze(1)).pow(2).mean(), Ea, p["x"][idx]
+
     def _amp(self):
         tc = self.cfg.train
         return torch.autocast(device_type=torch.device(tc.device).type, dtype=torch.bfloat16) if tc.bf16 else nullcontext()
@@ -383,10 +447,19 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, int, bool]:
         tc = self.cfg.train
+        if two_phase(tc) and self.step == tc.distill_steps:
+            # the windows' loss is ~40x the distillation's (0.08 against 0.002 at the switch, measured): Adam's second
+            # moments from the distillation would make their first steps far too large (measured: validation 0.25 →
+            # 0.39 for the raw weights within 170 windows); the windows start with a fresh optimiser and warm up
+            self.opt.state.clear()
         lr = lr_at(self.step, tc)
         for g in self.opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        loss, E, x = self.distill_loss() if self.step < tc.distill_steps else self.window_loss()
+        stored = self.step < tc.distill_steps and tc.distill_cycles > 0
+        if stored:
+            loss, E, x = self.stored_distill_loss()
+        else:
+            loss, E, x = self.distill_loss() if self.step < tc.distill_steps else self.window_loss()
         self.opt.zero_grad(set_to_none=True)
         ok = bool(torch.isfinite(loss))
         if ok:
@@ -398,6 +471,9 @@ class Trainer:
         with torch.no_grad():
             E = E.detach()
             r = rmse(E.mean(1), x)
+            if stored:  # the minibatch's analyses against its truths; the training trajectories wait for the windows
+                self.step += 1
+                return float(loss.detach()), float(r.mean()), 0, ok
             if tc.loss == "supervised":  # lost trajectories restart around their truth
                 far, base = r, x
             else:  # without the truth: judged by their misfit to the observations, restarted around them
