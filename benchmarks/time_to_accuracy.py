@@ -55,6 +55,9 @@ RECIPES = {
     # rate, 3e-4, with a cosine sized to a 1.75-h budget
     "stored-distill": (BASE, ["train.teacher_weight=0", "train.distill_cycles=400", "train.distill_steps=2000",
                               "train.distill_lr=1e-3", "train.lr=3e-4", "train.max_steps=4600"]),
+    # a cheaper network: 3 blocks of 3 layers (11 convolutions instead of 27; a receptive field of 45 sites, still the
+    # whole Nx 40 circle), otherwise distill-then-truth
+    "small-net": (BASE, ["net.Nbl=3", "net.Nl=3", "train.teacher_weight=0", "train.max_steps=5000"]),
     "old-default": (BASE, ["train.distill_steps=0", "train.teacher_weight=0", "train.lr_head=1.0", "train.ema=0",
                            "train.warmup=200"]),
     # observations only (eq. 15): the same windows as truth-target, for the equal-budget comparison of issue 15
