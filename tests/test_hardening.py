@@ -379,6 +379,8 @@ def test_memory_estimate_names_the_knob():
     assert check_train_memory(load_config(TrainRunConfig, ROOT / "configs/l96/dan_nf40.yaml")) < 2 * 1024**3
     with pytest.raises(ConfigError, match="^net.Nf: this training would need"):
         check_train_memory(load_config(TrainRunConfig, ROOT / "configs/l96/dan_nf40.yaml", ["net.Nf=100000"]))
+    with pytest.raises(ConfigError, match="^train.distill_cycles: this training would need .* the stored distillation set"):
+        check_train_memory(load_config(TrainRunConfig, ROOT / "configs/l96/dan_nf40.yaml", ["train.distill_cycles=10000000"]))
     terms = run_memory_terms(load_config(RunConfig, ROOT / "configs/l96/var3d.yaml", ["model.Nx=4000"]))
     assert "model.Nx" in terms[0][2]
 

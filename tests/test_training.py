@@ -304,6 +304,10 @@ def test_stored_distillation_reuses_teacher_pairs_over_epochs(tmp_path):
     assert all(torch.equal(u, v) for u, v in zip(a.net.parameters(), b.net.parameters())) and torch.equal(a.E, b.E)
     with pytest.raises(ValueError, match="distill_steps > 0"):
         tiny(distill_cycles=5)
+    failing = Trainer(cfg, tmp_path / "failing")
+    failing.threshold = 0.0  # every teacher trajectory counts as lost: no pair is kept, and it says so
+    with pytest.raises(ValueError, match="^train.distill_cycles: the teacher kept 0 pairs, fewer than one minibatch of 32"):
+        failing.distill_set()
     with pytest.raises(ValueError, match="distill_burn_in"):
         tiny(distill_steps=2, distill_cycles=5, distill_burn_in=5)
 

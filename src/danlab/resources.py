@@ -119,15 +119,18 @@ def train_memory_terms(cfg) -> list[tuple[int, str, list[str]]]:
     per_state = 12 * int(getattr(cfg.model, "substeps", 1)) + 2 * int(n.Nf) * (int(n.Nbl) * int(n.Nl) + 2)  # floats kept per site
     graph = 4 * int(t.Nt) * int(t.N) * Nx * int(t.N_iter) * per_state
     val = 4 * 4 * int(t.val_cycles) * int(t.val_batch) * 8 + 4 * int(t.val_batch) * int(t.N) * Nx * 4 * int(n.Nf)
+    stored = 4 * max(int(t.distill_cycles) - int(t.distill_burn_in), 0) * 2 * int(t.Nt) * Nx * (int(t.N) + 4)
     return sorted([(graph, f"the unrolled cycles' autograd graph ({t.Nt} trajectories × N {t.N} × Nx {Nx} × "
                            f"N_iter {t.N_iter} × the network's activations)",
                     ["train.Nt", "train.N", "model.Nx", "train.N_iter", "net.Nf"]),
+                   (stored, f"the stored distillation set ({t.distill_cycles} cycles × {2 * t.Nt} trajectories)",
+                    ["train.distill_cycles", "train.Nt"]),
                    (val, f"the validation runs ({t.val_batch} × {t.val_cycles} cycles)",
                     ["train.val_cycles", "train.val_batch"])], key=lambda x: -x[0])
 
 
 TYPICAL_TRAIN = {"train.Nt": 256, "train.N": 1, "model.Nx": 40, "train.N_iter": 10, "net.Nf": 40,
-                 "train.val_cycles": 1000, "train.val_batch": 8}
+                 "train.val_cycles": 1000, "train.val_batch": 8, "train.distill_cycles": 400}
 
 
 def check_train_memory(cfg, available: int | None = None) -> int:
@@ -140,7 +143,8 @@ def check_train_memory(cfg, available: int | None = None) -> int:
         size, what, knobs = terms[0]
         t = cfg.train
         values = {"train.Nt": t.Nt, "train.N": t.N, "model.Nx": cfg.model.Nx, "train.N_iter": t.N_iter,
-                  "net.Nf": cfg.net.Nf, "train.val_cycles": t.val_cycles, "train.val_batch": t.val_batch}
+                  "net.Nf": cfg.net.Nf, "train.val_cycles": t.val_cycles, "train.val_batch": t.val_batch,
+                  "train.distill_cycles": t.distill_cycles}
         knob = max(knobs, key=lambda k: values[k] / TYPICAL_TRAIN[k])
         raise ConfigError(f"{knob}: this training would need about {_fmt(total)} of memory, mostly {what}: "
                           f"{_fmt(size)}, and only {_fmt(avail)} is available; lower {knob} "

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from danlab.checkpoint import (CheckpointError, atomic_write_text, code_version, load_state_strict, read_checkpoint,
                                write_checkpoint)
-from danlab.config import to_yaml, upgrade_renamed
+from danlab.config import ConfigError, to_yaml, upgrade_renamed
 from danlab.cycle import divergence_threshold, initial_ensemble, lost, run_cycles
 from danlab.filters.ensemble import EnKF_N
 from danlab.learned import Learned, save_net
@@ -383,6 +383,9 @@ class Trainer:
                 for name, v in (("Ef", Ef), ("y", obs.y), ("mask", obs.mask), ("xa", xa), ("x", x)):
                     keep[name].append(v[ok])
         pairs = {k: torch.cat(v) for k, v in keep.items()}
+        if len(pairs["x"]) < 2 * tc.Nt:
+            raise ConfigError(f"train.distill_cycles: the teacher kept {len(pairs['x'])} pairs, fewer than one minibatch "
+                             f"of {2 * tc.Nt}: raise distill_cycles above distill_burn_in, or the teacher's trajectories fail")
         pairs["sigma"] = obs.sigma
         return pairs
 
