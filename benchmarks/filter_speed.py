@@ -320,8 +320,8 @@ NOTES = """## What changed (issue 19) and what the figures say
   network; ≤ 0.1× at Nx 160 needs a smaller network (fewer filters or layers): not reachable by code alone.
 - **Why the DAPPER targets are missed**: per cycle at B 64, the forecast of 64 × 20 members (RK4, ~30 calls on
   (64, 20, 40) float64 tensors, models/ not part of this change) and 64 LAPACK eigendecompositions of 20 × 20
-  (~40 µs each, one after another inside torch.linalg.eigh) are most of the 12 ms; B 64 reaches 27× DAPPER's
-  one-experiment rate, B 1 2.6×. The next levers: an eigensolver batched across matrices (e.g. Jacobi sweeps on
+  (~40 µs each, one after another inside torch.linalg.eigh) are most of the cycle at B 64 (this run's ratios to
+  DAPPER are in the table above; B 1 measured 1.7× and 2.6× in two runs, DAPPER's own time per cycle 4.0–5.3 ms). The next levers: an eigensolver batched across matrices (e.g. Jacobi sweeps on
   the whole batch) or the eigh split across processes, and a fused RK4.
 """
 
