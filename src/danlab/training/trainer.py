@@ -324,18 +324,24 @@ class Trainer:
         """One cycle of the teacher on this cycle's observations: the target w x̄^a_teacher + (1 - w) x and the
         teacher's forecast ensemble.
 
-        A teacher trajectory that failed (non-finite, or beyond the reset threshold) gives the truth as target
-        this cycle and restarts around the truth (which then also stands for its forecast)."""
-        EfT, ET = self.teacher.cycle(self.E_teacher, self.model, obs, None)
+        A teacher trajectory that failed gives the truth as target this cycle (see teacher_cycle)."""
+        EfT, self.E_teacher, xa, _ = self.teacher_cycle(self.E_teacher, x, obs, self.teacher_rng)
+        return x + w * (xa - x), EfT
+
+    @torch.no_grad()
+    def teacher_cycle(self, ET: torch.Tensor, x: torch.Tensor, obs, rng: BatchRNG):
+        """One cycle of the teacher's ensembles ET on this cycle's observations: (forecast, analysis, analysis mean,
+        lost). A lost trajectory (non-finite, or beyond the reset threshold) restarts around its truth x (drawn from
+        rng), which then also stands for its forecast and its analysis mean."""
+        EfT, ET = self.teacher.cycle(ET, self.model, obs, None)
         xa = ET.mean(1)
         bad = lost(rmse(xa, x), self.threshold)
         if bad.any():
-            fresh = initial_ensemble(x, self.teacher.N, self.teacher_rng, self.cfg.train.init_std)
+            fresh = initial_ensemble(x, self.teacher.N, rng, self.cfg.train.init_std)
             ET = torch.where(bad.view(-1, 1, 1), fresh, ET)
             EfT = torch.where(bad.view(-1, 1, 1), fresh, EfT)
             xa = torch.where(bad.view(-1, 1), x, xa)
-        self.E_teacher = ET
-        return x + w * (xa - x), EfT
+        return EfT, ET, xa, bad
 
     def distill_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One cycle of a_θ on the teacher's forecast and on its own (the forecast of its carried analysis, not
@@ -372,11 +378,7 @@ class Trainer:
         keep: dict[str, list] = {"Ef": [], "y": [], "mask": [], "xa": [], "x": []}
         for k in range(tc.distill_cycles):
             x, obs = twin.step()
-            EfT, ET = self.teacher.cycle(ET, self.model, obs, None)
-            xa = ET.mean(1)
-            bad = lost(rmse(xa, x), self.threshold)
-            if bad.any():
-                ET = torch.where(bad.view(-1, 1, 1), initial_ensemble(x, tc.teacher_N, rng, tc.init_std), ET)
+            EfT, ET, xa, bad = self.teacher_cycle(ET, x, obs, rng)
             if k >= tc.distill_burn_in:
                 ok = ~bad
                 Ef = EfT.mean(1, keepdim=True) if tc.N == 1 else EfT[:, :tc.N]
