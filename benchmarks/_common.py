@@ -79,6 +79,7 @@ def score_methods(methods: list[tuple], cfg_dir: Path, a, *, cycles: int, exps: 
                "edge": ", ".join(edge),
                "grids": "; ".join(grids) or "—", "armse": acc["armse"], "armse_ci": acc["armse_ci"],
                "spread": acc["spread"], "scored_cycles": (cycles - burn) * exps, "diverged": acc["n_diverged"],
+               **{k: acc[k] for k in ("spread_ratio", "rank_hist") if k in acc},
                **({"armse_s": acc["armse_s"], "armse_s_ci": acc["armse_s_ci"]} if "armse_s" in acc else {}),
                "target": target, "exp_cycles_per_s": acc["experiment_cycles_per_s"],
                "tuning": (prev["tuning"] if a.tuned_from else f"seed 1, {tune_exps} × {tune_cycles} cycles") if grids else "—",

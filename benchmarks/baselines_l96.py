@@ -77,7 +77,7 @@ def main() -> None:
     stem = "baselines_l96" + ("_quick" if a.quick else "")
     if a.only and (out / f"{stem}.json").is_file():  # keep the other methods' rows, in the order of METHODS
         rows = merge_rows(json.loads((out / f"{stem}.json").read_text()), rows, [m for m, *_ in METHODS])
-    pd.DataFrame(rows).to_csv(out / f"{stem}.csv", index=False)
+    pd.DataFrame([{k: v for k, v in r.items() if k != "rank_hist"} for r in rows]).to_csv(out / f"{stem}.csv", index=False)
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     table = markdown_table(
         ["method", "tuned", "aRMSE ± 95% CI", "target", "smoothed aRMSE", "spread", "cycles/s (B=1)",

@@ -176,6 +176,40 @@ def test_combine_ci():
     assert all(math.isnan(v) for v in combine_ci([], []))
 
 
+def test_ensemble_scores_against_their_double_sums():
+    """The fair energy score and CRPS equal their definitions written as double loops over the members."""
+    from danlab.metrics import crps, energy_score
+    g = torch.Generator().manual_seed(1)
+    E, x = torch.randn(3, 5, 7, generator=g, dtype=torch.float64), torch.randn(3, 7, generator=g, dtype=torch.float64)
+    N, nrm = 5, lambda v: float(v.pow(2).mean().sqrt())
+    for b in range(3):
+        es = (sum(nrm(E[b, n] - x[b]) for n in range(N)) / N
+              - sum(nrm(E[b, n] - E[b, m]) for n in range(N) for m in range(N)) / (2 * N * (N - 1)))
+        assert float(energy_score(E, x, eps=0.0)[b]) == pytest.approx(es, rel=1e-12)
+        cr = np.mean([sum(abs(float(E[b, n, i] - x[b, i])) for n in range(N)) / N
+                      - sum(abs(float(E[b, n, i] - E[b, m, i])) for n in range(N) for m in range(N)) / (2 * N * (N - 1))
+                      for i in range(7)])
+        assert float(crps(E, x)[b]) == pytest.approx(cr, rel=1e-12)
+    # a collapsed ensemble scores its distance to the truth
+    c = torch.zeros(1, 4, 7, dtype=torch.float64)
+    assert float(energy_score(c, torch.ones(1, 7, dtype=torch.float64))) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="N >= 2"):
+        energy_score(E[:, :1], x)
+
+
+def test_ensemble_scores_are_proper():
+    """Truth and members drawn from N(0, 1) per site: the expected score is smallest at the right spread, where the
+    members' mean squared error prefers the collapsed ensemble."""
+    from danlab.metrics import crps, energy_score
+    g = torch.Generator().manual_seed(2)
+    x, Z = torch.randn(4000, 40, generator=g), torch.randn(4000, 10, 40, generator=g)
+    for score in (energy_score, crps):
+        s = {sd: float(score(sd * Z, x).mean()) for sd in (0.0, 0.7, 1.0, 1.4)}
+        assert s[1.0] < min(s[0.7], s[1.4]) and s[0.7] < s[0.0], (score.__name__, s)
+    mse = {sd: float((sd * Z - x.unsqueeze(1)).pow(2).mean()) for sd in (0.0, 1.0)}
+    assert mse[0.0] < mse[1.0]
+
+
 # ---------------------------------------------------------------- observations
 
 def test_bcast_views_a_mask_against_any_rank():

@@ -114,6 +114,26 @@ def test_run_folder(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["armse"] == s["armse"]
     again = load_config(RunConfig, tmp_path / "config.yaml")
     assert again == load_config(RunConfig, data=SHORT)
+    # an ensemble's calibration: the rank histogram of the truth over the scored cycles and sites, and spread / aRMSE
+    counts = ds["rank_hist"].values
+    assert counts.shape == (1, 21) and counts.sum() == 200 * 40 and list(ds["rank"].values) == list(range(21))
+    assert s["rank_hist"] == pytest.approx(list(counts[0] / counts.sum()), abs=1e-15)
+    ratio = float(ds["spread_a"][0, 100:].mean() / ds["rmse_a"][0, 100:].mean())
+    assert s["spread_ratio"] == pytest.approx(ratio, rel=1e-12) and 0.5 < ratio < 2
+
+
+def test_rank_histogram_of_a_calibrated_and_a_collapsed_ensemble():
+    """Exact ranks on a hand-made case; statistically, members drawn like the truth give a flat histogram and an
+    ensemble with a tenth of the spread a U shape (the truth mostly outside it)."""
+    from danlab.metrics import rank_counts
+    E = torch.tensor([[[0.0, 5.0], [2.0, 1.0], [1.0, 3.0]]])  # (B 1, N 3, Nx 2)
+    assert rank_counts(E, torch.tensor([[1.5, 0.0]])).tolist() == [[2, 0]]
+    g = torch.Generator().manual_seed(0)
+    x, E = torch.randn(2000, 40, generator=g), torch.randn(2000, 9, 40, generator=g)
+    flat = torch.bincount(rank_counts(E, x).flatten(), minlength=10) / (2000 * 40)
+    assert torch.allclose(flat, torch.full((10,), 0.1), atol=0.005)  # 80,000 draws: sd of a bin 0.001
+    u = torch.bincount(rank_counts(0.1 * E, x).flatten(), minlength=10) / (2000 * 40)
+    assert u[0] > 0.4 and u[-1] > 0.4
 
 
 @pytest.mark.parametrize("spec", ["infl", "infl=1:0:0.1", "infl=a:b:c"])

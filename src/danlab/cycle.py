@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from danlab.filters.base import spread
-from danlab.metrics import combine_ci, mean_with_ci, rmse
+from danlab.metrics import combine_ci, mean_with_ci, rank_counts, rmse
 from danlab.rng import BatchRNG
 from danlab.twin import TwinStream
 
@@ -30,7 +30,7 @@ class CycleResult:
     wall_s: float
     extra: dict = field(default_factory=dict)
     rmse_s: np.ndarray | None = None  # (B, K) a smoother's RMSE at cycle k, NaN where not (yet) smoothed
-
+    rank_hist: np.ndarray | None = None  # (B, N + 1) an ensemble's rank histogram of the truth (scored cycles, all sites)
 
     @property
     def B(self) -> int:
@@ -47,22 +47,29 @@ class CycleResult:
         k0 = self.burn_in
         per = [mean_with_ci(self.rmse_a[b, k0:]) for b in ok]
         armse, ci = combine_ci([p[0] for p in per], [p[1] for p in per])
-        smoother = {}
+        extra = {}
         if self.rmse_s is not None:  # scored over the cycles smoothed (the last `lag` cycles are not)
             per = [mean_with_ci(s[np.isfinite(s)]) for s in (self.rmse_s[b, k0:] for b in ok)]
             armse_s, ci_s = combine_ci([p[0] for p in per], [p[1] for p in per])
-            smoother = {"armse_s": armse_s, "armse_s_ci": ci_s}
+            extra = {"armse_s": armse_s, "armse_s_ci": ci_s}
+        if self.rank_hist is not None:  # the scored experiments' histogram, as frequencies
+            counts = self.rank_hist[ok].sum(0)
+            total = max(counts.sum(), 1)
+            extra["rank_hist"] = [float(c) / total for c in counts]
         if "unconverged" in self.extra:  # analyses whose iterations stopped at their maximum, all cycles
-            smoother["unconverged"] = int(self.extra["unconverged"][rows].sum())
+            extra["unconverged"] = int(self.extra["unconverged"][rows].sum())
         return {
             "armse": armse,
             "armse_ci": ci,
             "frmse": float(self.rmse_f[ok, k0:].mean()) if ok.size else float("nan"),
             "spread": float(self.spread_a[ok, k0:].mean()) if ok.size else float("nan"),
+            # calibration: the mean spread over the mean analysis RMSE (about 1 for an ensemble that knows its error)
+            "spread_ratio": (float(self.spread_a[ok, k0:].mean() / self.rmse_a[ok, k0:].mean())
+                             if ok.size and self.spread_a[ok, k0:].any() else float("nan")),
             "experiments": int(rows.size),
             "n_diverged": int(self.diverged[rows].sum()),
             "diverged": bool(self.diverged[rows].any()),
-            **smoother,
+            **extra,
         }
 
 
@@ -112,6 +119,8 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
     rms = torch.full((cycles, 2, B), float("nan"), dtype=twin.x.dtype, device=dev)
     spr = torch.zeros((cycles, 2, B), dtype=twin.x.dtype, device=dev) if filt.N > 1 else None
     rms_s = torch.full((cycles, B), float("nan"), dtype=twin.x.dtype, device=dev) if lag else None
+    # an ensemble's rank histogram of the truth among its analysis members, over the scored cycles and every site
+    ranks = torch.zeros((B, filt.N + 1), dtype=torch.long, device=dev) if filt.N > 1 else None
     diverged = torch.zeros(B, dtype=torch.bool)
     diverged_at = torch.full((B,), -1, dtype=torch.long)
     t0 = time.perf_counter()
@@ -128,6 +137,9 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
             rms[k] = r
             if spr is not None:
                 spr[k, 0], spr[k, 1] = spread(Ef), spread(E)
+                if k >= burn_in:
+                    r_k = rank_counts(E, x)
+                    ranks.scatter_add_(1, r_k, torch.ones_like(r_k))
             bad = lost(r[1], threshold)
             if bool(bad.any()):
                 # restart from the truth (from 0 where the truth itself is not finite: it never spreads to the others)
@@ -146,4 +158,4 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
     extra = {} if unconverged is None else {"unconverged": unconverged.cpu().numpy()}
     return CycleResult(rmse_f=s[0], rmse_a=s[1], spread_f=s[2], spread_a=s[3], diverged=dv,
                        diverged_at=diverged_at.numpy(), burn_in=burn_in, wall_s=wall, extra=extra,
-                       rmse_s=s[4] if lag else None)
+                       rmse_s=s[4] if lag else None, rank_hist=None if ranks is None else ranks.cpu().numpy())

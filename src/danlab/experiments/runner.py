@@ -76,6 +76,11 @@ def stats_dataset(res: CycleResult, cfg: RunConfig) -> xr.Dataset:
                                            "observations up to lag cycles later) against the truth")
     ds["rmse_f"].attrs["long_name"] = "spatial RMSE of the forecast mean against the truth"
     ds["spread_a"].attrs["long_name"] = "sqrt of the site-mean analysis ensemble variance"
+    if res.rank_hist is not None:
+        ds["rank_hist"] = (("experiment", "rank"), res.rank_hist)
+        ds["rank_hist"].attrs["long_name"] = ("rank of the truth among the analysis members (members below it), counted "
+                                              "over the scored cycles and every site")
+        ds = ds.assign_coords(rank=np.arange(res.rank_hist.shape[1]))
     return ds
 
 
@@ -199,14 +204,17 @@ def tune(cfg: RunConfig, grids: list[tuple[str, list]], out: str | Path | None, 
         for p, combo in enumerate(combos):
             rows = np.arange(p * sub.batch, (p + 1) * sub.batch)
             vals = dict(zip([n for n, _ in looped], loop_vals)) | dict(zip([n for n, _ in batched], combo))
-            points.append({**{n: vals[n] for n in names}, **summarize(sub, res, rows)})
+            s = summarize(sub, res, rows)
+            s.pop("rank_hist", None)  # a list per point: the tables keep the scalars
+            points.append({**{n: vals[n] for n in names}, **s})
     wall = time.perf_counter() - t0
     ok = [p for p in points if not p["diverged"] and math.isfinite(p["armse"])]
     best = min(ok, key=lambda p: p["armse"]) if ok else None
     summary = {"method": cfg.filter.method, "grid": {n: v for n, v in grids}, "points": len(points),
                "best": {n: best[n] for n in names} if best else None,
                "armse": best["armse"] if best else float("nan"), "armse_ci": best["armse_ci"] if best else float("nan"),
-               "spread": best["spread"] if best else float("nan"), "cycles": cfg.cycles, "diverged": best is None,
+               "spread": best["spread"] if best else float("nan"),
+               "spread_ratio": best["spread_ratio"] if best else float("nan"), "cycles": cfg.cycles, "diverged": best is None,
                "cycles_per_s": sum(p["cycles"] for p in points) / wall, "wall_s": wall,
                **({k: best[k] for k in ("armse_s", "armse_s_ci")} if best and "armse_s" in best else {})}
     if out is not None:
@@ -231,7 +239,7 @@ def _write_tune(cfg, grids, points, summary, out: Path) -> None:
     df = pd.DataFrame(points)
     atomic_write_text(out / "tune.csv", df.to_csv(index=False))
     names = [n for n, _ in grids]
-    ds = df.set_index(names)[["armse", "armse_ci", "spread", "n_diverged"]
+    ds = df.set_index(names)[["armse", "armse_ci", "spread", "spread_ratio", "n_diverged"]
                              + [c for c in ("armse_s", "armse_s_ci") if c in df]].to_xarray()
     write_netcdf(ds, out / "tune.nc")
     summary["out"] = str(out)

@@ -48,7 +48,7 @@ the other points go on. A done.json written for a different config (e.g. after a
 is not overwritten: the point is reported failed until its folder is deleted.
 
 The results: <sweep>/results.nc (xarray, one dimension per axis named by its dotted key, the values as
-coordinates; variables armse, armse_ci, spread, cycles_per_s, n_diverged, the `score` if another one,
+coordinates; variables armse, armse_ci, spread, spread_ratio, cycles_per_s, n_diverged, the `score` if another one,
 best_<key> for tune, val_armse for train, point (the id) and status: 0 done, 1 failed), results.csv (one
 row per point), results.png (the score against the first axis, one line per combination of the others,
 error bars from armse_ci) and sweep.yaml (the resolved sweep, base config inline, with the budget used).
@@ -82,7 +82,7 @@ from danlab.config import ConfigError, Strict, parse_value, read_yaml, validate
 from danlab.io import atomic_write_text, check_output_dir, write_json
 
 DONE, ERROR = "done.json", "error.txt"
-SCORES = ("armse", "armse_ci", "spread", "cycles_per_s", "n_diverged")
+SCORES = ("armse", "armse_ci", "spread", "spread_ratio", "cycles_per_s", "n_diverged")
 EVAL_DEFAULTS = {"seed": 0, "cycles": 10_000, "burn_in": 500, "batch": 8}
 EVAL_PREFIX = "evaluate."
 
