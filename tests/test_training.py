@@ -371,6 +371,94 @@ def test_semisupervised_training_needs_no_truth(tmp_path):
         tiny(loss="semisupervised", distill_steps=3)
 
 
+def test_energy_and_crps_losses_score_the_ensemble_of_every_cycle_of_the_window(tmp_path):
+    """loss energy / crps = mean over the N_iter cycles of the score of the analysis ensemble against the truth,
+    replayed by hand with the same perturbed observations; an ensemble loss needs N >= 2."""
+    from danlab.filters.base import centred_normal
+    from danlab.metrics import crps, energy_score
+    from danlab.rng import BatchRNG
+    from danlab.twin import TwinStream
+    for loss, score in (("energy", energy_score), ("crps", crps)):
+        cfg = tiny(loss=loss, N=3, perturb_obs=0.5)
+        tr = Trainer(cfg, tmp_path / loss)
+        E, net = tr.E.clone(), copy.deepcopy(tr.net)
+        twin = TwinStream(tr.model, tr.observer, 16, cfg.seed, ids=None, dtype=torch.float32)
+        rng = BatchRNG(cfg.seed, "perturb", 16)
+        got, _, _ = tr.window_loss()
+        expected = 0.0
+        for _ in range(cfg.train.N_iter):
+            x, obs = twin.step()
+            Ef = tr.model(E)
+            zeta_n = obs.HtRinv_innovation(Ef - 0.5 * obs.sigma * centred_normal(Ef, rng))
+            E = Ef + net(Ef, obs.HtRinv_innovation(Ef.mean(1)), zeta_n)
+            expected = expected + score(E, x).mean()
+        assert float(got.detach()) == pytest.approx(float(expected.detach()) / cfg.train.N_iter, rel=1e-5)
+        got.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tr.net.parameters())
+    with pytest.raises(ValueError, match="N >= 2"):
+        tiny(loss="energy")
+    with pytest.raises(ValueError, match="perturb_obs"):
+        tiny(perturb_obs=1.0)
+    with pytest.raises(ValueError, match="perturb_obs"):
+        tiny(N=4, perturb_obs=1.0, distill_steps=2)
+
+
+def test_perturbed_observations_spread_the_members_not_the_mean_and_travel_with_the_network(tmp_path):
+    """perturb_obs: the members' innovations move by -perturb σ ε_n with ε centred over the members, so the mean
+    analysis of a network linear in zeta_n is unchanged; an exported network evaluates with the value it was trained
+    with unless the filter says otherwise; a resumed run draws the same perturbations as an uninterrupted one."""
+    from danlab.observations import Observer
+    from danlab.rng import BatchRNG
+    net = build_net(NetConfig(Nf=4, Nbl=1, Nl=1)).eval()  # output g zeta_n + CNN(...): the CNN's last layer is 0
+    obs = Observer(40).observe(torch.randn(50, 40), BatchRNG(0, "o", 50))
+    E = torch.randn(50, 5, 40)
+    plain, pert = Learned.from_net(net, 5), Learned.from_net(net, 5, perturb=1.0)
+    with torch.no_grad():
+        Ea0, Ea1 = plain.analysis(E, obs, None), pert.analysis(E, obs, BatchRNG(0, "f", 50))
+    assert torch.allclose(Ea0.mean(1), Ea1.mean(1), atol=1e-5) and not torch.allclose(Ea0, Ea1)
+    eps = (Ea1 - Ea0) / float(net.gain.detach())  # g σ ε_n with σ = 1
+    # centred, and of unit variance over the members (the stochastic EnKF's N / (N - 1) rescaling); 2,000 sites
+    assert torch.allclose(eps.mean(1), torch.zeros(50, 40), atol=1e-5)
+    assert abs(float(eps.var(1, unbiased=False).mean()) - 1) < 0.08
+    with pytest.raises(ValueError, match="generator"):
+        pert.analysis(E, obs, None)
+    cfg = tiny(loss="energy", N=3, perturb_obs=0.7, max_steps=6)
+    save_net(tmp_path / "net", Trainer(cfg, tmp_path / "t").net, {"trained_with": cfg.model_dump(mode="json")})
+    l96 = tiny().model.build()
+    assert Learned(checkpoint=str(tmp_path / "net")).prepare(l96, None, torch.float32, "cpu").perturb == 0.7
+    assert Learned(checkpoint=str(tmp_path / "net"), perturb=0).prepare(l96, None, torch.float32, "cpu").perturb == 0
+    a, b = whole_and_resumed(cfg, tmp_path / "resume", stop_after=2)
+    assert all(torch.equal(p, q) for p, q in zip(a.net.parameters(), b.net.parameters())) and torch.equal(a.E, b.E)
+    assert "val_spread" in (tmp_path / "resume" / "whole" / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_init_from_starts_a_run_from_a_saved_network(tmp_path):
+    """train.init_from: a new run starts from the saved weights (the average too); a network of another
+    architecture is refused naming the field; a resumed run carries its own weights (the folder may be gone)."""
+    from danlab.config import ConfigError
+    src = tiny(max_steps=3)
+    train(src, tmp_path / "src", progress=False)
+    saved, _ = load_net(tmp_path / "src")
+    cfg = tiny(N=3, loss="energy", perturb_obs=1.0, init_from=str(tmp_path / "src"), ema=0.9, max_steps=4)
+    train(cfg, tmp_path / "warm", stop_after=1, progress=False)
+    tr = Trainer(cfg, tmp_path / "fresh")
+    tr.warm_start(cfg.train.init_from)
+    assert all(torch.equal(p, q) for p, q in zip(tr.net.parameters(), saved.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(tr.avg.parameters(), saved.parameters()))
+    warm = Trainer(cfg, tmp_path / "warm")
+    warm.load()  # one Adam step away from the saved weights, not from a random initialisation
+    assert max(float((p - q).detach().abs().max()) for p, q in zip(warm.net.parameters(), saved.parameters())) < 0.05
+    import shutil
+    shutil.rmtree(tmp_path / "src")
+    assert train(cfg, tmp_path / "warm", resume=True, progress=False)["step"] == 4
+    other = TINY | {"net": {"Nf": 4, "Nbl": 1, "Nl": 2}}
+    train(TrainRunConfig.model_validate(json.loads(json.dumps(other)) | {"train": TINY["train"] | {"max_steps": 1}}),
+          tmp_path / "other", progress=False)
+    with pytest.raises(ConfigError, match="train.init_from: .* net.Nf = 4, this run's net.Nf is 8"):
+        train(tiny(init_from=str(tmp_path / "other")), tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_training_stops_at_its_wall_clock_budget_and_validates_there(tmp_path):
     out = train(tiny(max_steps=10_000, val_every=10_000), tmp_path, progress=False, max_wall_s=1e-9)
     assert out["step"] == 1

@@ -15,7 +15,7 @@ from pydantic import Field, PrivateAttr, ValidationError
 
 from danlab.checkpoint import CheckpointError, load_state_strict, read_checkpoint, write_checkpoint
 from danlab.config import upgrade_renamed
-from danlab.filters.base import Filter
+from danlab.filters.base import Filter, centred_normal
 from danlab.nets import AnalysisNet, NetConfig, build_net
 from danlab.observations import Obs
 from danlab.rng import BatchRNG
@@ -70,11 +70,15 @@ class Learned(Filter):
     method: Literal["learned"] = "learned"
     N: int = Field(1, ge=1, description="ensemble size Ne (1: a single state)")
     checkpoint: str | None = None
+    perturb: float | None = Field(None, ge=0, description="each member's own innovation zeta_n is taken against "
+                                  "observations perturbed by perturb × N(0, R), centred over the members, as in the "
+                                  "stochastic EnKF (a source of spread for N > 1); null: as the network was trained "
+                                  "(train.perturb_obs in its sidecar)")
     _net: AnalysisNet | None = PrivateAttr(None)
 
     @classmethod
-    def from_net(cls, net: AnalysisNet, N: int = 1) -> "Learned":
-        f = cls(N=N)
+    def from_net(cls, net: AnalysisNet, N: int = 1, perturb: float = 0.0) -> "Learned":
+        f = cls(N=N, perturb=perturb)
         f._net = net
         return f
 
@@ -83,12 +87,15 @@ class Learned(Filter):
             return self
         if self.checkpoint is None:
             raise CheckpointError("filter.checkpoint: the learned filter needs a checkpoint folder")
-        net, _ = load_net(self.checkpoint)
+        net, meta = load_net(self.checkpoint)
         try:
             net.cfg.check_size(model.Nx)
         except ValueError as exc:
             raise CheckpointError(f"{self.checkpoint}: {exc}") from None
-        return type(self).from_net(net.to(device), self.N)
+        perturb = self.perturb
+        if perturb is None:
+            perturb = float(meta["trained_with"].get("train", {}).get("perturb_obs", 0.0))
+        return type(self).from_net(net.to(device), self.N, perturb)
 
     @property
     def net(self) -> AnalysisNet:
@@ -101,7 +108,9 @@ class Learned(Filter):
         # states in the network's dtype (float32, as every evaluation of a network runs) cross no conversion.
         one = E.shape[-2] == 1
         zeta = obs.HtRinv_innovation(E[..., 0, :] if one else E.mean(-2))  # a single member is its own mean
-        zeta_n = None if one else obs.HtRinv_innovation(E)  # each member's own (= zeta for one)
+        zeta_n = None  # each member's own innovation (= zeta for one), against perturbed observations if perturb > 0
+        if not one:
+            zeta_n = obs.HtRinv_innovation(E - self.perturb * obs.sigma * centred_normal(E, rng) if self.perturb else E)
         dtype = next(self.net.parameters()).dtype
         if E.dtype == dtype:
             return E + self.net(E, zeta, zeta_n)

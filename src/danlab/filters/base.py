@@ -43,6 +43,16 @@ def spread(E: torch.Tensor) -> torch.Tensor:
     return torch.var(E, -2).mean(-1).sqrt()  # var: the N - 1 normalised variance of the members, one call
 
 
+def centred_normal(E: torch.Tensor, rng: BatchRNG | None) -> torch.Tensor:
+    """Standard normal draws per member and site, shaped like E (B, N, Nx), centred over the members and rescaled
+    to unit variance: perturbations that leave the ensemble mean unchanged."""
+    if rng is None:
+        raise ValueError("perturbed observations draw random numbers: this analysis needs a generator")
+    N = E.shape[-2]
+    e = rng.randn(N, E.shape[-1], dtype=E.dtype, device=E.device)
+    return (e - e.mean(-2, keepdim=True)) * math.sqrt(N / (N - 1))
+
+
 def rows_ok(*tensors: torch.Tensor) -> torch.Tensor:
     """(B,) True where every entry of the row of each (B, ...) tensor is finite."""
     ok = None

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from danlab.filters.base import (Filter, apply_sym, flag_rows, mean_and_anomalies, per_batch, rows_ok, safe_eigh,
-                                 sanitise, sym_eig_fn)
+from danlab.filters.base import (Filter, apply_sym, centred_normal, flag_rows, mean_and_anomalies, per_batch, rows_ok,
+                                 safe_eigh, sanitise, sym_eig_fn)
 from danlab.observations import Obs
 from danlab.rng import BatchRNG
 
@@ -49,11 +49,10 @@ class EnKF(InflatedEnsembleFilter):
     method: Literal["enkf"] = "enkf"
 
     def update(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
-        B, N, Nx = E.shape
+        N = E.shape[-2]
         xb, X = mean_and_anomalies(E)
         S = obs.H(X) / obs.sigma
-        eps = rng.randn(N, Nx, dtype=E.dtype, device=E.device)
-        eps = (eps - eps.mean(-2, keepdim=True)) * math.sqrt(N / (N - 1))
+        eps = centred_normal(E, rng)
         D = (obs.innovation(E) + obs.H(obs.sigma * eps)) / obs.sigma  # R^-1/2 (y + e_n - H E_n)
         G = S @ S.mT
         ok = rows_ok(G)  # a blown-up experiment: decomposed as the identity, then flagged (NaN) below

@@ -25,7 +25,18 @@ class TrainConfig(Strict):
                                                      "moving average of the weights with this decay per step, or (1 + step)/(10 + step) "
                                                      "if smaller (early in a run); 0: off")
     clip: float = Field(1.0, gt=0, description="gradient norm clipping")
-    loss: Literal["supervised", "semisupervised"] = "supervised"
+    loss: Literal["supervised", "semisupervised", "energy", "crps"] = Field(
+        "supervised", description="supervised: each member's squared error against the truth (the reference work's; with "
+        "N > 1 it rewards a collapsed ensemble); semisupervised: the next observations' misfit of the forecast, no truth "
+        "(eq. 15); energy / crps: a proper score of the ensemble against the truth (the fair energy score, or the fair "
+        "CRPS per site), which rewards a spread that matches the error; N >= 2")
+    perturb_obs: float = Field(0.0, ge=0, description="N > 1: each member's own innovation is taken against "
+                               "observations perturbed by perturb_obs × N(0, R), centred over the members (the stochastic "
+                               "EnKF's source of spread; a deterministic a_θ otherwise has none, and its ensemble collapses "
+                               "whatever the loss); the network keeps this value for its evaluation")
+    init_from: str | None = Field(None, description="a network folder (or training run folder) whose weights start the "
+                                  "run instead of a random initialisation (a warm start, e.g. an Ne = 10 network from "
+                                  "an Ne = 1 one); its network config must equal `net`")
     teacher_weight: float = Field(0.0, ge=0, le=1, description="supervised target = w × the analysis mean of a "
                                   "classical teacher (EnKF-N) cycled on the same observations + (1 - w) × the truth "
                                   "(0: the truth alone); measured: 3.7x less gradient noise than the truth's")
@@ -67,6 +78,11 @@ class TrainConfig(Strict):
             raise ValueError(f"lr_min must be <= lr (got {self.lr_min} > {self.lr})")
         if (self.teacher_weight > 0 or self.distill_steps > 0) and self.loss != "supervised":
             raise ValueError(f"teacher_weight > 0 and distill_steps > 0 need loss: supervised (got loss: {self.loss})")
+        if self.loss in ("energy", "crps") and self.N < 2:
+            raise ValueError(f"loss: {self.loss} scores an ensemble: set N >= 2 (got N {self.N})")
+        if self.perturb_obs > 0 and (self.N < 2 or self.distill_steps > 0):
+            raise ValueError(f"perturb_obs > 0 perturbs an ensemble's windows: set N >= 2 and distill_steps 0 "
+                             f"(got N {self.N}, distill_steps {self.distill_steps})")
         if self.distill_cycles > 0 and self.distill_steps == 0:
             raise ValueError("distill_cycles > 0 stores pairs for distillation steps: set distill_steps > 0 too")
         if self.distill_cycles > 0 and self.distill_burn_in >= self.distill_cycles:

@@ -48,8 +48,8 @@ from danlab.checkpoint import (CheckpointError, atomic_write_text, code_version,
 from danlab.config import ConfigError, to_yaml, upgrade_renamed
 from danlab.cycle import divergence_threshold, initial_ensemble, lost, run_cycles
 from danlab.filters.ensemble import EnKF_N
-from danlab.learned import Learned, save_net
-from danlab.metrics import rmse
+from danlab.learned import Learned, load_net, save_net
+from danlab.metrics import crps, energy_score, rmse
 from danlab.nets import build_net
 from danlab.observations import Obs
 from danlab.rng import BatchRNG, derive_seed, make_generator
@@ -72,7 +72,9 @@ SCHEDULE_KNOBS = {"train.max_steps", "train.lr", "train.lr_min", "train.warmup",
                   "train.teacher_weight", "train.distill_steps", "train.distill_lr"}
 HEAD = ("out.", "gain")  # parameters whose learning rate is lr × lr_head
 # val_armse is the validated (and saved) network's: the averaged one when ema > 0, whose raw weights score val_raw_armse
-METRICS = ["step", "wall_s", "lr", "loss", "train_rmse", "resets", "skipped", "val_armse", "val_ci", "val_raw_armse"]
+# and, for an ensemble (N > 1), its mean analysis spread val_spread
+METRICS = ["step", "wall_s", "lr", "loss", "train_rmse", "resets", "skipped", "val_armse", "val_ci", "val_raw_armse",
+           "val_spread"]
 
 
 def _science(cfg) -> dict:
@@ -169,19 +171,20 @@ def plot_curve(metrics, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
-def validate(cfg: TrainRunConfig, net, cycles: int | None = None) -> tuple[float, float]:
-    """aRMSE ± CI of the network as a filter on the held-out validation trajectories."""
+def validate(cfg: TrainRunConfig, net, cycles: int | None = None) -> tuple[float, float, float]:
+    """aRMSE ± CI and mean analysis spread (0 for a single state) of the network as a filter on the held-out
+    validation trajectories."""
     tc = cfg.train
     model, observer = cfg.model.build(), cfg.observations.build(cfg.model.Nx)
     ids = list(range(tc.val_batch))
     twin = TwinStream(model, observer, tc.val_batch, tc.val_seed, ids=ids, dtype=torch.float32, device=tc.device)
     was_training = net.training
     net.eval()
-    res = run_cycles(Learned.from_net(net, tc.N), model, twin, cycles or tc.val_cycles, tc.val_burn_in,
+    res = run_cycles(Learned.from_net(net, tc.N, tc.perturb_obs), model, twin, cycles or tc.val_cycles, tc.val_burn_in,
                      seed=tc.val_seed, ids=ids, init_std=tc.init_std)
     net.train(was_training)
     s = res.scores()
-    return s["armse"], s["armse_ci"]
+    return s["armse"], s["armse_ci"], s["spread"]
 
 
 class Trainer:
@@ -216,7 +219,21 @@ class Trainer:
         self.step, self.wall_s, self.best = 0, 0.0, float("inf")
         self.history: list[dict] = []  # schedule changes made on resume: [{"step": s, "set": {knob: value}}]
         # the analysis is the learned filter's own, compiled or not
-        self.filter = Learned.from_net(torch.compile(self.net) if tc.compile else self.net, tc.N)
+        self.filter = Learned.from_net(torch.compile(self.net) if tc.compile else self.net, tc.N, tc.perturb_obs)
+        self.perturb_rng = BatchRNG(cfg.seed, "perturb", tc.Nt)  # the windows' observation perturbations (perturb_obs)
+
+    def warm_start(self, path: str) -> None:
+        """Start from the weights of the network stored in `path` (train.init_from; a new run only: a resumed one
+        carries its own), which must have this run's network config. The average starts from them too."""
+        net, _ = load_net(path)
+        theirs, ours = net.cfg.model_dump(mode="json"), self.cfg.net.model_dump(mode="json")
+        if theirs != ours:
+            k = next(k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
+            raise ConfigError(f"train.init_from: {path} holds a network with net.{k} = {theirs.get(k)!r}, this run's "
+                              f"net.{k} is {ours.get(k)!r}")
+        self.net.load_state_dict(net.state_dict())
+        if self.avg is not None:
+            self.avg.load_state_dict(net.state_dict())
 
     def param_groups(self) -> list[dict]:
         """Adam's groups: the body at lr, the head (output layer and gain) at lr × lr_head."""
@@ -296,6 +313,8 @@ class Trainer:
         self.reset_rng.set_state(rngs["reset"])
         if "teacher" in rngs:
             self.teacher_rng.set_state(rngs["teacher"])
+        if "perturb" in rngs:
+            self.perturb_rng.set_state(rngs["perturb"])
         if fresh_teacher:  # a teacher switched on at this resume (or again after idle windows) starts afresh
             self.E_teacher = initial_ensemble(self.twin.x, self.teacher.N, self.teacher_rng, self.cfg.train.init_std)
         self.step, self.wall_s = int(meta["step"]), float(meta["wall_s"])
@@ -316,7 +335,7 @@ class Trainer:
 
     def _rngs(self) -> tuple:
         return (("truth", self.twin.truth_rng), ("obs", self.twin.obs_rng), ("reset", self.reset_rng),
-                ("teacher", self.teacher_rng))
+                ("teacher", self.teacher_rng)) + ((("perturb", self.perturb_rng),) if self.cfg.train.perturb_obs else ())
 
     # ---- the loop ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -423,11 +442,21 @@ class Trainer:
         for _ in range(tc.N_iter):
             x, obs = self.twin.step()
             with self._amp():  # the learned filter's own cycle, as in every run; autocast leaves the model's ops alone
-                _, E = self.filter.cycle(E, self.model, obs, None)  # a_theta draws no random numbers
+                _, E = self.filter.cycle(E, self.model, obs, self.perturb_rng)  # draws only if perturb_obs > 0
             target = self.teacher_target(x, obs, tc.teacher_weight)[0] if self.teacher_in_use() else x
-            loss = loss + (E - target.unsqueeze(1)).pow(2).mean()
+            loss = loss + self.cycle_loss(E, target)
         self.last_obs = obs
         return loss / tc.N_iter, E, x
+
+    def cycle_loss(self, E: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One cycle's term of the supervised losses: the members' mean squared error (loss supervised), or a proper
+        score of the ensemble (energy, crps), averaged over the trajectories."""
+        loss = self.cfg.train.loss
+        if loss == "energy":
+            return energy_score(E, target).mean()
+        if loss == "crps":
+            return crps(E, target).mean()
+        return (E - target.unsqueeze(1)).pow(2).mean()
 
     def semisupervised_window_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Observations only (eq. 15 of the reference work): the analysis of cycle k is judged by how well its
@@ -441,12 +470,12 @@ class Trainer:
         Ef, loss = self.model(self.E), 0.0
         for _ in range(tc.N_iter):
             with self._amp():
-                E = self.filter.analysis(Ef, obs, None)
+                E = self.filter.analysis(Ef, obs, self.perturb_rng)
             x, obs = self.twin.step()
             Ef = self.model(E)
             loss = loss + obs.innovation(Ef).pow(2).sum(-1).div(obs.Ny.unsqueeze(-1)).mean()
         with torch.no_grad(), self._amp():
-            E = self.filter.analysis(Ef.detach(), obs, None)
+            E = self.filter.analysis(Ef.detach(), obs, self.perturb_rng)
         self.last_obs = obs
         return loss / tc.N_iter, E, x
 
@@ -563,8 +592,10 @@ class Trainer:
                 if (self.step % tc.val_every == 0 or self.step == tc.max_steps or out_of_time
                         or (tc.val_every_s is not None and time.perf_counter() - last_val >= tc.val_every_s)):
                     last_val = time.perf_counter()
-                    va, ci = validate(self.cfg, self.kept)
+                    va, ci, spread = validate(self.cfg, self.kept)
                     row = (row or {"step": self.step, "wall_s": f"{self.wall_s:.1f}"}) | {"val_armse": f"{va:.4f}", "val_ci": f"{ci:.4f}"}
+                    if tc.N > 1:
+                        row["val_spread"] = f"{spread:.4f}"
                     if self.avg is not None:
                         row["val_raw_armse"] = f"{validate(self.cfg, self.net)[0]:.4f}"
                     # the kept network is the best validated one; trained from observations only, the latest (its
@@ -612,6 +643,8 @@ def train(cfg: TrainRunConfig, run_dir: str | Path, resume: bool = False, stop_a
     else:
         if (run_dir / "checkpoint.json").exists():
             raise CheckpointError(f"{run_dir}: already holds a training run; use --resume or another --out")
+        if cfg.train.init_from is not None:
+            trainer.warm_start(cfg.train.init_from)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     return trainer.run(stop_after=stop_after, progress=progress, max_wall_s=max_wall_s)
