@@ -42,6 +42,7 @@ def test_table_rows_and_files(tmp_path, monkeypatch):
     a20 = by.loc["EnKF-N, N = 20"]
     assert f"| EnKF-N, N = 20 | 0.191 | {a20.armse:.3f} ± {a20.armse_ci:.3f} |  |" in md
     assert "| a_θ, Ne = 1, N_f = 40 | 0.191 | no weights | no weights in weights/l96_nf40_ne1 yet |" in md
+    assert "| a_θ, Ne = 10, N_f = 40, energy score | — | no weights |" in md  # no published number: a dash
     assert "nan" not in md
     assert f"{TINY.batch} experiments × {TINY.cycles - TINY.burn_in} cycles after {TINY.burn_in}" in md
     back = pd.read_csv(tmp_path / "out" / "table.csv").set_index("method")

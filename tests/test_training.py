@@ -451,6 +451,14 @@ def test_init_from_starts_a_run_from_a_saved_network(tmp_path):
     import shutil
     shutil.rmtree(tmp_path / "src")
     assert train(cfg, tmp_path / "warm", resume=True, progress=False)["step"] == 4
+    # the exported ensemble network says how it was trained and how calibrated it is
+    from danlab.experiments.export import export
+    prov = export(tmp_path / "warm", tmp_path / "shipped", cycles=60, burn_in=10, batch=2, seed=0)
+    ev = prov["evaluation"]
+    assert len(ev["rank_hist"]) == 4 and sum(ev["rank_hist"]) == pytest.approx(1.0)
+    assert ev["spread_ratio"] == pytest.approx(ev["spread"] / ev["armse"], rel=1e-9)
+    text = (tmp_path / "shipped" / "README.md").read_text()
+    assert "energy score of its 3 members" in text and "perturbed by 1.0" in text and "init_from" in text
     other = TINY | {"net": {"Nf": 4, "Nbl": 1, "Nl": 2}}
     train(TrainRunConfig.model_validate(json.loads(json.dumps(other)) | {"train": TINY["train"] | {"max_steps": 1}}),
           tmp_path / "other", progress=False)

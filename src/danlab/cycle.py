@@ -52,7 +52,7 @@ class CycleResult:
             per = [mean_with_ci(s[np.isfinite(s)]) for s in (self.rmse_s[b, k0:] for b in ok)]
             armse_s, ci_s = combine_ci([p[0] for p in per], [p[1] for p in per])
             extra = {"armse_s": armse_s, "armse_s_ci": ci_s}
-        if self.rank_hist is not None:  # the scored experiments' histogram, as frequencies
+        if self.rank_hist is not None and ok.size:  # the scored experiments' histogram, as frequencies
             counts = self.rank_hist[ok].sum(0)
             total = max(counts.sum(), 1)
             extra["rank_hist"] = [float(c) / total for c in counts]

@@ -106,6 +106,7 @@ def _export_into(out: Path, dest: Path, run_dir: Path, src: Path, meta: dict, ev
         "evaluation": {"armse": score["armse"], "armse_ci": score["armse_ci"], "spread": score["spread"],
                        "cycles": cycles, "burn_in": burn_in, "trajectories": batch, "seed": seed,
                        "n_diverged": score["n_diverged"], "cycles_per_s": score["cycles_per_s"],
+                       **({k: score[k] for k in ("spread_ratio", "rank_hist")} if "rank_hist" in score else {}),
                        "command": f"danlab eval {dest} --cycles {cycles} --burn-in {burn_in} --batch {batch} --seed {seed} --json"},
         "curve": curve, "exported_by_code_version": code_version(),
     }
@@ -124,6 +125,11 @@ def _export_into(out: Path, dest: Path, run_dir: Path, src: Path, meta: dict, ev
         f"code {meta['code_version']}\n"
         + ("- trained from the observations alone (loss semisupervised, eq. 15): no truth reached the loss, the resets or "
            "the choice of the kept network (the latest)\n" if t.get("loss") == "semisupervised" else "")
+        + (f"- started from the weights of `{t['init_from']}` (train.init_from)\n" if t.get("init_from") else "")
+        + (f"- trained with the fair {'energy score' if t['loss'] == 'energy' else 'CRPS'} of its {t['N']} members against "
+           f"the truth, each member's own innovation taken against observations perturbed by {t.get('perturb_obs', 0)} × "
+           f"N(0, R) (train.perturb_obs, kept for its evaluation); spread {score['spread']:.4f}, "
+           f"{score['spread_ratio']:.2f} × the aRMSE\n" if t.get("loss") in ("energy", "crps") else "")
         + f"- aRMSE {score['armse']:.4f} ± {score['armse_ci']:.4f} over {batch} held-out trajectories × {cycles} cycles "
         f"after {burn_in} of burn-in: `{prov['evaluation']['command']}`\n"
         + (f"- the weights are the exponential moving average of the trained ones (decay {t['ema']} per step)\n"

@@ -171,9 +171,9 @@ def plot_curve(metrics, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
-def validate(cfg: TrainRunConfig, net, cycles: int | None = None) -> tuple[float, float, float]:
-    """aRMSE ± CI and mean analysis spread (0 for a single state) of the network as a filter on the held-out
-    validation trajectories."""
+def validate(cfg: TrainRunConfig, net, cycles: int | None = None, with_spread: bool = False) -> tuple:
+    """aRMSE ± CI of the network as a filter on the held-out validation trajectories (and, with_spread, the
+    mean analysis spread third)."""
     tc = cfg.train
     model, observer = cfg.model.build(), cfg.observations.build(cfg.model.Nx)
     ids = list(range(tc.val_batch))
@@ -184,7 +184,7 @@ def validate(cfg: TrainRunConfig, net, cycles: int | None = None) -> tuple[float
                      seed=tc.val_seed, ids=ids, init_std=tc.init_std)
     net.train(was_training)
     s = res.scores()
-    return s["armse"], s["armse_ci"], s["spread"]
+    return (s["armse"], s["armse_ci"]) + ((s["spread"],) if with_spread else ())
 
 
 class Trainer:
@@ -592,10 +592,11 @@ class Trainer:
                 if (self.step % tc.val_every == 0 or self.step == tc.max_steps or out_of_time
                         or (tc.val_every_s is not None and time.perf_counter() - last_val >= tc.val_every_s)):
                     last_val = time.perf_counter()
-                    va, ci, spread = validate(self.cfg, self.kept)
+                    v = validate(self.cfg, self.kept, with_spread=True) if tc.N > 1 else validate(self.cfg, self.kept)
+                    va, ci = v[:2]
                     row = (row or {"step": self.step, "wall_s": f"{self.wall_s:.1f}"}) | {"val_armse": f"{va:.4f}", "val_ci": f"{ci:.4f}"}
                     if tc.N > 1:
-                        row["val_spread"] = f"{spread:.4f}"
+                        row["val_spread"] = f"{v[2]:.4f}"
                     if self.avg is not None:
                         row["val_raw_armse"] = f"{validate(self.cfg, self.net)[0]:.4f}"
                     # the kept network is the best validated one; trained from observations only, the latest (its
