@@ -310,11 +310,9 @@ class Trainer:
                 raise
             raise CheckpointError(f"{self.dir}: checkpoint does not match this training setup ({exc})") from None
         self.twin.load_state_dict({"x": x, "k": meta["twin_k"], "truth_rng": rngs["truth"], "obs_rng": rngs["obs"]})
-        self.reset_rng.set_state(rngs["reset"])
-        if "teacher" in rngs:
-            self.teacher_rng.set_state(rngs["teacher"])
-        if "perturb" in rngs:
-            self.perturb_rng.set_state(rngs["perturb"])
+        for name, rng in self._rngs()[2:]:  # the truth's and the observations' went with the twin's state
+            if name in rngs:  # a teacher's only when saved (one switched on at this resume starts afresh)
+                rng.set_state(rngs[name])
         if fresh_teacher:  # a teacher switched on at this resume (or again after idle windows) starts afresh
             self.E_teacher = initial_ensemble(self.twin.x, self.teacher.N, self.teacher_rng, self.cfg.train.init_std)
         self.step, self.wall_s = int(meta["step"]), float(meta["wall_s"])
