@@ -10,7 +10,7 @@ import torch
 from danlab.cycle import run_cycles
 from danlab.filters.ensemble import EnKF, EnKF_N, ETKF
 from danlab.filters.iterative import IEnKF
-from danlab.filters.variational import Var3D, circulant_average, climatology
+from danlab.filters.variational import Climatology, Var3D, circulant_average, climatological_mean, climatology, free_runs
 from danlab.models import LinearModel, Lorenz96
 from danlab.observations import Obs, Observer
 from danlab.rng import BatchRNG
@@ -205,6 +205,31 @@ def test_climatology_of_lorenz96():
     raw = climatology(Lorenz96(), trajectories=8, cycles=500, homogeneous=False)
     assert torch.allclose(raw.diag().mean(), C[0, 0])
 
+
+
+def test_climatology_filter_scores_the_climatological_std():
+    """The climatology method's analysis is the climatological mean of the free runs, whatever the forecast and
+    observations; cycled on Lorenz 96 it scores the square root of the climatological variance plus the mean's offset."""
+    m = Lorenz96()
+    xs = free_runs(m, trajectories=4, cycles=300, seed=2)
+    mean = climatological_mean(m, trajectories=4, cycles=300, seed=2)
+    assert torch.equal(mean, xs.mean((0, 1)).mean().expand(40))  # homogeneous: one value at every site
+    assert 2.0 < float(mean[0]) < 2.6  # the L96 (F = 8) climatological mean is about 2.3
+    raw = climatological_mean(m, trajectories=4, cycles=300, seed=2, homogeneous=False)
+    torch.testing.assert_close(raw, xs.mean((0, 1)), rtol=0, atol=0)
+    f = Climatology(clim_trajectories=4, clim_cycles=300, clim_seed=2).prepare(m, None, f64, "cpu")
+    E = torch.randn(3, 1, 40, dtype=f64)
+    Ea = f.analysis(E, Obs(torch.randn(3, 40, dtype=f64), torch.ones(3, 40, dtype=f64), 1.0), None)
+    assert Ea.shape == E.shape and torch.equal(Ea, mean.expand(3, 1, 40))
+    twin = TwinStream(m, Observer(Nx=40), 4, seed=5)
+    res = run_cycles(f, m, twin, cycles=600, burn_in=100, seed=5)
+    C = climatology(m, trajectories=4, cycles=300, seed=2)
+    expected = float((C.diag().mean() + (mean - xs.mean((0, 1))).pow(2).mean()).sqrt())  # about 3.6
+    assert res.scores()["armse"] == pytest.approx(expected, rel=0.04) and res.scores()["n_diverged"] == 0
+    with pytest.raises(ValueError, match="N must be 1"):
+        Climatology(N=2)
+    with pytest.raises(RuntimeError, match="prepare"):
+        Climatology().analysis(E, None, None)
 
 # ---------------------------------------------------------------- batching
 

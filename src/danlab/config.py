@@ -196,7 +196,7 @@ class ObsConfig(Strict):
 
 
 # discriminator tags that pydantic puts in error locations; dropped from the field names we print
-FILTER_TAGS = frozenset({"enkf", "etkf", "enkf_n", "letkf", "ienkf", "ienks", "var3d", "var4d", "learned"})
+FILTER_TAGS = frozenset({"enkf", "etkf", "enkf_n", "letkf", "ienkf", "ienks", "var3d", "var4d", "climatology", "learned"})
 
 
 def _tags() -> frozenset:

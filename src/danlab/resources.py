@@ -44,10 +44,11 @@ def run_memory_terms(cfg, rows: int = 1) -> list[tuple[int, str, list[str]]]:
     ]
     if f.method in ("enkf", "etkf", "enkf_n", "ienkf"):
         terms.append((10 * B * N * N * d, f"the ensemble-space matrices ({B} × N {N} × N {N})", ["filter.N", "batch"]))
-    if f.method == "var3d":
+    if f.method in ("var3d", "climatology"):
         clim = 2 * int(f.clim_cycles) * int(f.clim_trajectories) * Nx * 8
         terms.append((clim, f"the climatology's free runs ({f.clim_trajectories} × {f.clim_cycles} cycles × Nx {Nx})",
                       ["filter.clim_cycles", "filter.clim_trajectories", "model.Nx"]))
+    if f.method == "var3d":
         terms.append((4 * B * Nx * Nx * d + 3 * Nx * Nx * 8, f"the background covariances ({B} × Nx {Nx} × Nx {Nx})",
                       ["model.Nx", "batch"]))
     if f.method == "learned":

@@ -11,10 +11,10 @@ from danlab.config import MODEL_FIELD, ModelConfig, ObsConfig, Strict
 from danlab.filters.ensemble import EnKF, EnKF_N, ETKF
 from danlab.filters.iterative import IEnKF, IEnKS
 from danlab.filters.local import LETKF
-from danlab.filters.variational import Var3D, Var4D
+from danlab.filters.variational import Climatology, Var3D, Var4D
 from danlab.learned import Learned
 
-FilterConfig = Annotated[Union[EnKF, ETKF, EnKF_N, LETKF, IEnKF, IEnKS, Var3D, Var4D, Learned], Field(discriminator="method")]
+FilterConfig = Annotated[Union[EnKF, ETKF, EnKF_N, LETKF, IEnKF, IEnKS, Var3D, Var4D, Climatology, Learned], Field(discriminator="method")]
 
 
 class RunConfig(Strict):

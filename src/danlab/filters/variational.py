@@ -30,10 +30,9 @@ def circulant_average(C: torch.Tensor) -> torch.Tensor:
     return c[(i[None, :] - i[:, None]) % Nx]
 
 
-def climatology(model, trajectories: int = 16, cycles: int = 2000, seed: int = 0,
-                homogeneous: bool = True) -> torch.Tensor:
-    """Climatological covariance (Nx, Nx), float64, of `trajectories` free runs of `model` over `cycles`
-    cycles after its spin-up, from seeded initial states; averaged over circular shifts if homogeneous."""
+def free_runs(model, trajectories: int = 16, cycles: int = 2000, seed: int = 0) -> torch.Tensor:
+    """States (cycles, trajectories, Nx), float64, of `trajectories` free runs of `model` over `cycles` cycles after
+    its spin-up, from seeded initial states: the samples of the climatological statistics."""
     g = make_generator(seed, "var3d/climatology")
     with torch.no_grad():
         x = model.spinup(model.initial(torch.randn(trajectories, model.Nx, generator=g, dtype=torch.float64)))
@@ -41,45 +40,93 @@ def climatology(model, trajectories: int = 16, cycles: int = 2000, seed: int = 0
         for k in range(cycles):
             x = model(x)
             xs[k] = x
-    X = xs.reshape(-1, model.Nx)
+    return xs
+
+
+def climatology(model, trajectories: int = 16, cycles: int = 2000, seed: int = 0,
+                homogeneous: bool = True) -> torch.Tensor:
+    """Climatological covariance (Nx, Nx), float64, of the free runs of `free_runs`; averaged over circular
+    shifts if homogeneous."""
+    X = free_runs(model, trajectories, cycles, seed).reshape(-1, model.Nx)
     X = X - X.mean(0)
     C = X.mT @ X / (X.shape[0] - 1)
     return circulant_average(C) if homogeneous else C
 
 
-class StaticB(Filter):
-    """A filter with a static background covariance B = scale * C, C the climatological covariance of the
-    model, estimated by `prepare` from `clim_trajectories` free runs of `clim_cycles` cycles (seed
-    `clim_seed`, float64), averaged over circular shifts when `homogeneous` (right for Lorenz 96, whose
-    statistics are invariant under rotation of the sites). It may also be given directly as `cov` (not
-    part of the YAML configuration). The prepared filter is a copy holding C in `cov`. It works on a single
-    state, N = 1."""
+def climatological_mean(model, trajectories: int = 16, cycles: int = 2000, seed: int = 0,
+                        homogeneous: bool = True) -> torch.Tensor:
+    """Climatological mean state (Nx,), float64, of the free runs of `free_runs`; the same value at every site
+    (the mean over sites too) if homogeneous."""
+    m = free_runs(model, trajectories, cycles, seed).reshape(-1, model.Nx).mean(0)
+    return m.mean().expand(model.Nx).clone() if homogeneous else m
+
+
+class FromClimatology(Filter):
+    """A single-state method built on the model's climatological statistics, estimated by `prepare` from
+    `clim_trajectories` free runs of `clim_cycles` cycles (seed `clim_seed`, float64), averaged over circular
+    shifts of the sites when `homogeneous` (right for Lorenz 96 and Kuramoto–Sivashinsky, whose statistics are
+    invariant under rotation of the sites; not for the sphere)."""
 
     N: int = Field(1, ge=1, description="ensemble size: a variational filter works on a single state, N = 1")
-    scale: float = Field(0.0175, gt=0, description="B = scale * climatological covariance")
-    homogeneous: bool = Field(True, description="average the climatological covariance over circular shifts")
-    clim_trajectories: int = Field(16, ge=1, description="free runs for the climatological covariance")
+    homogeneous: bool = Field(True, description="average the climatological statistics over circular shifts")
+    clim_trajectories: int = Field(16, ge=1, description="free runs for the climatological statistics")
     clim_cycles: int = Field(2000, ge=2, description="cycles of each free run")
     clim_seed: int = Field(0, description="seed of the free runs' initial states")
+
+    @model_validator(mode="after")
+    def _single_state(self):
+        if self.N != 1:
+            raise ValueError(f"{type(self).__name__} works on a single state: N must be 1 (got N={self.N})")
+        return self
+
+    def _check_grid(self, model) -> None:
+        if self.homogeneous and hasattr(model, "distances"):  # a grid that is not a circle of sites (the sphere)
+            from danlab.config import ConfigError
+            raise ConfigError(f"filter.homogeneous: averaging over circular shifts of the state index needs a 1-D "
+                              f"periodic grid, which {type(model).__name__}'s is not (set filter.homogeneous: false)")
+
+
+class Climatology(FromClimatology):
+    """Climatology: x^a = the model's climatological mean, whatever the forecast and the observations. The
+    reference point of every table: a method that knows nothing of this truth scores about the climatological
+    std of the state (Lorenz 96 standard 3.6, Kuramoto–Sivashinsky 32π 1.3)."""
+
+    method: Literal["climatology"] = "climatology"
+    mean: torch.Tensor | None = Field(None, exclude=True, description="the climatological mean state, (Nx,)")
+
+    def prepare(self, model, observer, dtype, device) -> "Climatology":
+        if self.mean is None:
+            self._check_grid(model)
+            m = climatological_mean(model, self.clim_trajectories, self.clim_cycles, self.clim_seed, self.homogeneous)
+        else:
+            m = self.mean
+        return self.model_copy(update={"mean": m.to(dtype=dtype, device=device)})
+
+    def analysis(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
+        if self.mean is None:
+            raise RuntimeError("Climatology used before prepare(): no climatological mean (or give mean)")
+        return self.mean.to(E).expand_as(E).clone()
+
+
+class StaticB(FromClimatology):
+    """A filter with a static background covariance B = scale * C, C the climatological covariance of the
+    model (see `FromClimatology`). It may also be given directly as `cov` (not part of the YAML configuration).
+    The prepared filter is a copy holding C in `cov`. It works on a single state, N = 1."""
+
+    scale: float = Field(0.0175, gt=0, description="B = scale * climatological covariance")
     cov: torch.Tensor | None = Field(None, exclude=True, description="the climatological covariance C, (Nx, Nx)")
     tunable: ClassVar[tuple[str, ...]] = ("scale",)
 
     @model_validator(mode="after")
-    def _single_state(self):
-        name = type(self).__name__
-        if self.N != 1:
-            raise ValueError(f"{name} works on a single state: N must be 1 (got N={self.N})")
+    def _square_cov(self):
         if self.cov is not None and (self.cov.dim() != 2 or self.cov.shape[0] != self.cov.shape[1]):
-            raise ValueError(f"{name}.cov must be a square (Nx, Nx) matrix (got shape {tuple(self.cov.shape)})")
+            raise ValueError(f"{type(self).__name__}.cov must be a square (Nx, Nx) matrix (got shape {tuple(self.cov.shape)})")
         return self
 
     def prepare(self, model, observer, dtype, device) -> "StaticB":
         if self.cov is not None:
             return self.model_copy(update={"cov": self.cov.to(dtype=dtype, device=device)})
-        if self.homogeneous and hasattr(model, "distances"):  # a grid that is not a circle of sites (the sphere)
-            from danlab.config import ConfigError
-            raise ConfigError(f"filter.homogeneous: averaging over circular shifts of the state index needs a 1-D "
-                              f"periodic grid, which {type(model).__name__}'s is not (set filter.homogeneous: false)")
+        self._check_grid(model)
         C = climatology(model, self.clim_trajectories, self.clim_cycles, self.clim_seed, self.homogeneous)
         return self.model_copy(update={"cov": C.to(dtype=dtype, device=device)})
 
