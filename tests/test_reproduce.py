@@ -19,8 +19,7 @@ def test_table_rows_and_files(tmp_path, monkeypatch):
     save_net(weights / "l96_linear_ne1", build_net(NetConfig(kind="linear", Nf=4, Nbl=1, Nl=1)),
              {"trained_with": TrainRunConfig().model_dump(mode="json")})
     monkeypatch.setattr(rp, "WEIGHTS", weights)
-    monkeypatch.setattr(rp, "QUICK", TINY)
-    df = rp.reproduce_table(True, tmp_path / "out", threads=1, progress=False)
+    df = rp.reproduce_table(True, tmp_path / "out", threads=1, progress=False, budget=TINY)
     by = df.set_index("method")
     budget = [f"cycles={TINY.cycles}", f"burn_in={TINY.burn_in}", f"batch={TINY.batch}", "seed=0", "threads=1"]
     for name, n in (("EnKF-N, N = 20", 20), ("EnKF-N, N = 40", 40)):
@@ -49,6 +48,50 @@ def test_table_rows_and_files(tmp_path, monkeypatch):
     assert back.loc["EnKF-N, N = 40", "armse"] == by.loc["EnKF-N, N = 40", "armse"]
 
 
+KS_TINY = rp.Budget(cycles=40, burn_in=10, batch=1, tune_cycles=30, tune_batch=1)
+
+
+def test_ks_table_rows_are_the_configs_runs(tmp_path):
+    """`reproduce table --model ks`: every row is the same code's run of configs/ks (the ETKF row: its inflation tuned
+    on seed 1, then a direct run with that value on seed 0; climatology and optimal interpolation as plain runs), the
+    published column is DAPPER's, and the missing KS network says so."""
+    df = rp.reproduce_table(True, tmp_path / "out", threads=1, progress=False, model="ks", budget=KS_TINY)
+    by = df.set_index("method")
+    assert list(by.index) == [r.name for r in rp.TABLES["ks"].rows]
+    budget = ["cycles=40", "burn_in=10", "batch=1", "seed=0", "threads=1"]
+    clim = run_experiment(load_config(RunConfig, rp.CONFIG_ROOT / "ks" / "climatology.yaml", budget), None)
+    assert by.loc["Climatology", "armse"] == clim["armse"] and 1.0 < clim["armse"] < 1.6  # the attractor's std, 1.3
+    oi = by.loc["Optimal interpolation (3D-Var, B = climatological covariance)", "armse"]
+    assert by.loc["3D-Var, tuned B", "armse"] < oi < clim["armse"]
+    best, _ = rp.tune_on_seed(rp.CONFIG_ROOT / "ks" / "etkf.yaml", ["threads=1", "filter.N=20"], ["infl=1.02,1.03,1.05"],
+                              cycles=30, burn_in=10, batch=1, seed=1)
+    etkf = run_experiment(load_config(RunConfig, rp.CONFIG_ROOT / "ks" / "etkf.yaml", ["threads=1", "filter.N=20"] + [
+        f"{k}={v}" for k, v in best.items()] + budget[:-1]), None)
+    assert by.loc["ETKF, N = 20, tuned inflation", "armse"] == etkf["armse"]
+    assert by.loc["ETKF, N = 20, tuned inflation", "note"] == f"tuned on seed 1: filter.infl={best['filter.infl']}"
+    assert "no weights in weights/ks_ne1" in by.loc["a_θ, Ne = 1", "note"]
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "| method | published aRMSE (DAPPER, Bocquet et al. 2019 setup) |" in md
+    assert f"| Climatology | 1.3 | {clim['armse']:.3f} ± {clim['armse_ci']:.3f} |" in md
+    assert "Kuramoto–Sivashinsky twin (Nx 128" in md and "nan" not in md
+
+
+def test_every_table_row_is_a_valid_config():
+    """Each row of each model's table names a config that loads with its overrides and tuning grids (the QG rows,
+    too slow to run here, included), or a weights folder."""
+    from danlab.experiments.runner import parse_grid
+    for model, table in rp.TABLES.items():
+        for row in table.rows:
+            if row.kind == "learned":
+                continue
+            cfg = load_config(RunConfig, rp.CONFIG_ROOT / model / row.what, list(row.over))
+            for g in row.grids:
+                name, values = parse_grid(g)
+                for v in values:
+                    load_config(RunConfig, rp.CONFIG_ROOT / model / row.what, list(row.over) + [f"{name}={v}"])
+            assert cfg.model.name == {"l96": "lorenz96", "ks": "ks", "qg": "qg"}[model]
+
+
 def test_transfer_runs_the_same_weights_at_other_sizes(tmp_path, monkeypatch):
     """Each row runs the given weights at that Nx (the score equals `danlab eval --nx Nx` of the same weights) and
     the EnKF-N with N = Nx at that Nx; the sizes give different numbers, and the table shows them."""
@@ -71,6 +114,34 @@ def test_transfer_runs_the_same_weights_at_other_sizes(tmp_path, monkeypatch):
     md = (tmp_path / "out" / "transfer.md").read_text()
     r = df.iloc[1]
     assert f"| 80 | {r.learned_armse:.3f} ± {r.learned_ci:.3f} | {r.enkf_n_armse:.3f} ± {r.enkf_n_ci:.3f} |" in md
+
+
+def test_sparsity_runs_one_network_at_each_fraction(tmp_path):
+    """Each row evaluates the same weights where a random `fraction` of the sites is observed (the score equals a run
+    of the network with those observations) beside the EnKF-N N 20 whose xN was tuned on seed 1 at that fraction."""
+    w = tmp_path / "w"
+    trained = TrainRunConfig().model_dump(mode="json") | {"observations": {"kind": "random", "count_min": 10, "count_max": 40}}
+    save_net(w, build_net(NetConfig(Nf=4, Nbl=1, Nl=1)), {"trained_with": trained})
+    df = rp.reproduce_sparsity(tmp_path / "out", True, weights=str(w), threads=1, progress=False, budget=TINY,
+                               fractions=(0.5, 1.0))
+    assert list(df["fraction"]) == [0.5, 1.0]
+    budget = [f"cycles={TINY.cycles}", f"burn_in={TINY.burn_in}", f"batch={TINY.batch}", "seed=0", "threads=1"]
+    for row in df.itertuples():
+        data = learned_eval_data(trained, w, cycles=TINY.cycles, burn_in=TINY.burn_in, batch=TINY.batch)
+        data |= {"threads": 1, "observations": {"kind": "random", "fraction": row.fraction, "sigma": 1.0}}
+        learned = run_experiment(load_config(RunConfig, data=data), None)
+        assert row.learned_armse == learned["armse"]
+        over = ["threads=1", "filter.N=20", "observations.kind=random", f"observations.fraction={row.fraction}"]
+        best, _ = rp.tune_on_seed(rp.CONFIGS / "enkf_n.yaml", over, [rp.XN_GRID], cycles=TINY.tune_cycles,
+                                  burn_in=TINY.tune_cycles // 3, batch=TINY.tune_batch, seed=1)
+        assert row.enkf_n_xN == best["filter.xN"]
+        enkf = run_experiment(load_config(RunConfig, rp.CONFIGS / "enkf_n.yaml", over + [f"filter.xN={best['filter.xN']}"]
+                                          + budget[:-1]), None)
+        assert row.enkf_n_armse == enkf["armse"] and row.ratio == learned["armse"] / enkf["armse"]
+    assert df["learned_armse"].iloc[0] > df["learned_armse"].iloc[1]  # fewer observations, a larger error
+    md = (tmp_path / "out" / "sparsity.md").read_text()
+    r = df.iloc[0]
+    assert f"| 0.5 | {r.learned_armse:.3f} ± {r.learned_ci:.3f} | {r.enkf_n_armse:.3f} ± {r.enkf_n_ci:.3f}" in md
 
 
 def test_window_comparison_rows_and_files(tmp_path):

@@ -135,19 +135,25 @@ def cmd_export(a) -> int:
 
 def cmd_reproduce(a) -> int:
     from danlab.experiments import reproduce as rp
-    rp.check_layout()
-    out = check_output_dir(Path(a.out) if a.out else _default_out(f"reproduce-{a.what}"))
+    if a.model != "l96" and a.what != "table":
+        raise ConfigError(f"reproduce {a.what}: --model {a.model} is not available (only the table is; {a.what} runs "
+                          f"on Lorenz 96)")
+    rp.check_layout(a.model)
+    out = check_output_dir(Path(a.out) if a.out else _default_out(f"reproduce-{a.what}" + (f"-{a.model}" if a.model != "l96" else "")))
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
     if a.what == "table":
-        rp.reproduce_table(a.quick, out, threads=a.threads)
+        rp.reproduce_table(a.quick, out, threads=a.threads, model=a.model)
         print((out / "table.md").read_text())
+    elif a.what == "sparsity":
+        rp.reproduce_sparsity(out, a.quick, weights=a.weights or "l96_nf40_sparse", threads=a.threads)
+        print((out / "sparsity.md").read_text())
     elif a.what == "window":
-        rp.reproduce_window(out, a.quick, weights=a.weights, threads=a.threads)
+        rp.reproduce_window(out, a.quick, weights=a.weights or "l96_nf40_ne1", threads=a.threads)
         print((out / "window.md").read_text())
     else:
-        rp.reproduce_transfer(out, a.quick, weights=a.weights, threads=a.threads)
+        rp.reproduce_transfer(out, a.quick, weights=a.weights or "l96_nf40_ne1", threads=a.threads)
         print((out / "transfer.md").read_text())
     print(f"results in {out}")
     return 0
@@ -259,12 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_export)
 
-    sp = sub.add_parser("reproduce", help="reproduce the reference results (table, transfer, window)")
-    sp.add_argument("what", choices=["table", "transfer", "window"])
+    sp = sub.add_parser("reproduce", help="reproduce the reference results (table, transfer, window, sparsity)")
+    sp.add_argument("what", choices=["table", "transfer", "window", "sparsity"])
     sp.add_argument("--quick", action="store_true", help="fewer cycles (table: < 10 min on 2 cores)")
+    sp.add_argument("--model", choices=["l96", "ks", "qg"], default="l96",
+                    help="table: the twin (l96: Lorenz 96, the reference paper's; ks: Kuramoto–Sivashinsky; qg: "
+                    "quasi-geostrophic on the sphere)")
     sp.add_argument("--out", help="run folder (default: runs/reproduce-<what>-<time>)")
     sp.add_argument("--threads", type=POSITIVE, help="CPU threads for PyTorch")
-    sp.add_argument("--weights", default="l96_nf40_ne1", help="transfer, window: the weights (folder under weights/ or a path)")
+    sp.add_argument("--weights", help="transfer, window (default l96_nf40_ne1), sparsity (default l96_nf40_sparse): the "
+                    "weights (folder under weights/ or a path)")
     sp.set_defaults(fn=cmd_reproduce)
 
     sp = sub.add_parser("config", help="list the config keys: type, default and description of each")
