@@ -4,7 +4,8 @@ cycles and every site), for learned networks run as ensembles (Ne members, with 
 they were trained with unless --set says otherwise) beside the EnKF-N and the ETKF.
 
     python benchmarks/calibration.py --net weights/l96_nf40_ne10 [--net weights/l96_nf40_ne1:N=10,perturb=1]
-        [--cycles 10000 --burn-in 500 --batch 8] [--threads 2] [--quick] [--out docs/results/calibration]
+        [--cycles 10000 --burn-in 500 --batch 8] [--threads 2] [--quick] [--keep-classical]
+        [--out docs/results/calibration]
 
 A --net is PATH[:key=value,...] with keys N (the ensemble size, default the trained one) and perturb (the
 filter's observation perturbation, default the trained one). Classical rows: EnKF-N (xN 2, no tuning) at N = 10, 20,
@@ -93,17 +94,22 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="1,000 cycles, 2 experiments, coarse tuning: a smoke run")
     ap.add_argument("--no-classical", action="store_true")
+    ap.add_argument("--keep-classical", action="store_true", help="take the classical rows from the existing "
+                    "{out}.json (each keeps the command and code that made it) instead of running them again")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "calibration"))
     a = ap.parse_args(argv)
     if a.quick:
         a.cycles, a.burn_in, a.batch = 1000, 200, 2
     torch.set_num_threads(a.threads)
     rows = [learned_row(spec, a) for spec in a.net]
-    if not a.no_classical:
+    out = Path(a.out)
+    if a.keep_classical:
+        old = json.loads(out.with_suffix(".json").read_text())
+        rows += [r for r in old if any(r["method"] == m[0] for m in CLASSICAL)]
+    elif not a.no_classical:
         a.only, a.tuned_from = None, None
         rows += score_methods(CLASSICAL, ROOT / "configs" / "l96", a, cycles=a.cycles, exps=a.batch, burn=a.burn_in,
                               tune_cycles=min(a.cycles, 3000), tune_burn=min(a.burn_in, 500), tune_exps=a.batch)
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     table = markdown_table(

@@ -5,7 +5,7 @@ shipped learned analyses (Ne = 1, and an Ne = 10 ensemble trained with the energ
 paper's numbers. --model ks: the same table on the standard Kuramoto–Sivashinsky twin (climatology, optimal
 interpolation, tuned 3D-Var, ETKF, EnKF-N, LETKF, IEnKF and a_θ), beside the published scores of DAPPER's
 bocquet2019 setup; --model qg: on the quasi-geostrophic twin on the sphere (climatology, tuned 3D-Var, global
-EnKF-N N 40, LETKF and local EnKF-N N 20, a_θ on the sphere). Every tuned row is tuned on seed 1, scored on seed 0.
+EnKF-N and ETKF N 40, LETKF and local EnKF-N N 20, a_θ on the sphere). Every tuned row is tuned on seed 1, scored on seed 0.
 transfer: the Nx = 40 weights evaluated at Nx in {20, 40, 80, 160} against EnKF-N with N = Nx, with the cost per
 cycle.
 """
@@ -120,7 +120,8 @@ TABLES = {
         rows=(
             Row("Climatology", None, "run", "climatology.yaml"),
             Row("3D-Var, tuned B", None, "run", "var3d.yaml", (), ("scale=0.01,0.03,0.1",)),
-            Row("EnKF-N, N = 40 (global)", None, "run", "enkf_n.yaml", ("filter.N=40",)),
+            Row("EnKF-N, N = 40, xN = 1 (global)", None, "run", "enkf_n.yaml", ("filter.N=40", "filter.xN=1")),
+            Row("ETKF, N = 40, tuned inflation (global)", None, "run", "etkf.yaml", ("filter.N=40",), ("infl=1.02,1.05,1.1",)),
             Row("LETKF, N = 20, tuned radius (km) and inflation", None, "run", "letkf.yaml", ("filter.N=20",),
                 ("radius=2000,3000,4000", "infl=1.0,1.02")),
             Row("local EnKF-N, N = 20, xN = 1, radius 3000 km", None, "run", "letkf.yaml",
