@@ -1,4 +1,7 @@
+import math
+
 import pandas as pd
+import pytest
 
 from danlab.config import load_config
 from danlab.experiments import reproduce as rp
@@ -97,8 +100,8 @@ def test_transfer_runs_the_same_weights_at_other_sizes(tmp_path, monkeypatch):
     the EnKF-N with N = Nx at that Nx; the sizes give different numbers, and the table shows them."""
     w = tmp_path / "w"
     save_net(w, build_net(NetConfig(Nf=4, Nbl=1, Nl=1)), {"trained_with": TrainRunConfig().model_dump(mode="json")})
-    monkeypatch.setattr(rp, "QUICK", TINY)
-    df = rp.reproduce_transfer(tmp_path / "out", True, weights=str(w), sizes=(20, 80), threads=1, progress=False)
+    df = rp.reproduce_transfer(tmp_path / "out", True, weights=str(w), sizes=(20, 80), threads=1, progress=False,
+                               budget=TINY)
     assert list(df["Nx"]) == [20, 80]
     budget = [f"cycles={TINY.cycles}", f"burn_in={TINY.burn_in}", f"batch={TINY.batch}", "seed=0", "threads=1"]
     for row in df.itertuples():
@@ -108,12 +111,31 @@ def test_transfer_runs_the_same_weights_at_other_sizes(tmp_path, monkeypatch):
         assert row.learned_armse == learned["armse"] and row.learned_ci == learned["armse_ci"]
         enkf = run_experiment(load_config(RunConfig, rp.CONFIGS / "enkf_n.yaml",
                                           [f"model.Nx={row.Nx}", f"filter.N={row.Nx}"] + budget), None)
-        assert row.enkf_n_armse == enkf["armse"]
-        assert 0.2 < row.learned_armse < 0.6 and 0.1 < row.enkf_n_armse < 0.5  # a nudging with gain 0.3; EnKF-N
-    assert df["learned_armse"].nunique() == 2 and df["enkf_n_armse"].nunique() == 2
+        assert row.baseline_armse == enkf["armse"]
+        assert 0.2 < row.learned_armse < 0.6 and 0.1 < row.baseline_armse < 0.5  # a nudging with gain 0.3; EnKF-N
+    assert df["learned_armse"].nunique() == 2 and df["baseline_armse"].nunique() == 2
     md = (tmp_path / "out" / "transfer.md").read_text()
     r = df.iloc[1]
-    assert f"| 80 | {r.learned_armse:.3f} ± {r.learned_ci:.3f} | {r.enkf_n_armse:.3f} ± {r.enkf_n_ci:.3f} |" in md
+    assert f"| 80 | {r.learned_armse:.3f} ± {r.learned_ci:.3f} | {r.baseline_armse:.3f} ± {r.baseline_ci:.3f} |" in md
+    assert "| Nx | a_θ (trained at Nx 40, Ne 1) | EnKF-N, N = Nx |" in md
+
+
+def test_ks_transfer_keeps_the_grid_spacing(tmp_path):
+    """On KS the weights run at Nx 64 on a domain of half the length (the trained resolution), beside the LETKF of
+    configs/ks/letkf.yaml on the same resized twin."""
+    w = tmp_path / "w"
+    trained = load_config(TrainRunConfig, "configs/ks/dan_ne1.yaml").model_dump(mode="json")
+    save_net(w, build_net(NetConfig(Nf=4, Nbl=1, Nl=1)), {"trained_with": trained})
+    b = rp.Budget(cycles=30, burn_in=10, batch=1, tune_cycles=20, tune_batch=1)
+    df = rp.reproduce_transfer(tmp_path / "out", True, weights=str(w), sizes=(64,), threads=1, progress=False,
+                               model="ks", budget=b)
+    data = learned_eval_data(trained, w, cycles=30, burn_in=10, batch=1, Nx=64)
+    assert data["model"]["Nx"] == 64 and data["model"]["length"] == pytest.approx(16 * math.pi)
+    assert df["learned_armse"].iloc[0] == run_experiment(load_config(RunConfig, data=data | {"threads": 1}), None)["armse"]
+    letkf = run_experiment(load_config(RunConfig, rp.CONFIG_ROOT / "ks" / "letkf.yaml", [
+        "model.Nx=64", f"model.length={16 * math.pi!r}", "cycles=30", "burn_in=10", "batch=1", "seed=0", "threads=1"]), None)
+    assert df["baseline_armse"].iloc[0] == letkf["armse"]
+    assert "| Nx | a_θ (trained at Nx 128, Ne 1) | LETKF, N = 16" in (tmp_path / "out" / "transfer.md").read_text()
 
 
 def test_sparsity_runs_one_network_at_each_fraction(tmp_path):

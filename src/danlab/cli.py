@@ -135,9 +135,9 @@ def cmd_export(a) -> int:
 
 def cmd_reproduce(a) -> int:
     from danlab.experiments import reproduce as rp
-    if a.model != "l96" and a.what != "table":
-        raise ConfigError(f"reproduce {a.what}: --model {a.model} is not available (only the table is; {a.what} runs "
-                          f"on Lorenz 96)")
+    models = {"table": ("l96", "ks", "qg"), "transfer": ("l96", "ks")}.get(a.what, ("l96",))
+    if a.model not in models:
+        raise ConfigError(f"reproduce {a.what}: --model {a.model} is not available (it runs on {', '.join(models)})")
     rp.check_layout(a.model)
     out = check_output_dir(Path(a.out) if a.out else _default_out(f"reproduce-{a.what}" + (f"-{a.model}" if a.model != "l96" else "")))
     if a.threads:
@@ -153,7 +153,8 @@ def cmd_reproduce(a) -> int:
         rp.reproduce_window(out, a.quick, weights=a.weights or "l96_nf40_ne1", threads=a.threads)
         print((out / "window.md").read_text())
     else:
-        rp.reproduce_transfer(out, a.quick, weights=a.weights or "l96_nf40_ne1", threads=a.threads)
+        rp.reproduce_transfer(out, a.quick, weights=a.weights or {"l96": "l96_nf40_ne1", "ks": "ks_ne1"}[a.model],
+                              threads=a.threads, model=a.model)
         print((out / "transfer.md").read_text())
     print(f"results in {out}")
     return 0
@@ -269,12 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("what", choices=["table", "transfer", "window", "sparsity"])
     sp.add_argument("--quick", action="store_true", help="fewer cycles (table: < 10 min on 2 cores)")
     sp.add_argument("--model", choices=["l96", "ks", "qg"], default="l96",
-                    help="table: the twin (l96: Lorenz 96, the reference paper's; ks: Kuramoto–Sivashinsky; qg: "
-                    "quasi-geostrophic on the sphere)")
+                    help="table, transfer: the twin (l96: Lorenz 96, the reference paper's; ks: Kuramoto–Sivashinsky "
+                    "(transfer: domain lengths × 0.5, 1, 2 at the trained resolution); qg: quasi-geostrophic on the sphere, "
+                    "table only)")
     sp.add_argument("--out", help="run folder (default: runs/reproduce-<what>-<time>)")
     sp.add_argument("--threads", type=POSITIVE, help="CPU threads for PyTorch")
-    sp.add_argument("--weights", help="transfer, window (default l96_nf40_ne1), sparsity (default l96_nf40_sparse): the "
-                    "weights (folder under weights/ or a path)")
+    sp.add_argument("--weights", help="transfer, window (default l96_nf40_ne1; transfer --model ks: ks_ne1), sparsity "
+                    "(default l96_nf40_sparse): the weights (folder under weights/ or a path)")
     sp.set_defaults(fn=cmd_reproduce)
 
     sp = sub.add_parser("config", help="list the config keys: type, default and description of each")

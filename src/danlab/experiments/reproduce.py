@@ -7,7 +7,8 @@ interpolation, tuned 3D-Var, ETKF, EnKF-N, LETKF, IEnKF and a_θ), beside the pu
 bocquet2019 setup; --model qg: on the quasi-geostrophic twin on the sphere (climatology, tuned 3D-Var, global
 EnKF-N and ETKF N 40, LETKF and local EnKF-N N 20, a_θ on the sphere). Every tuned row is tuned on seed 1, scored on seed 0.
 transfer: the Nx = 40 weights evaluated at Nx in {20, 40, 80, 160} against EnKF-N with N = Nx, with the cost per
-cycle.
+cycle; --model ks: the KS weights at domain lengths × 0.5, 1, 2 at the trained resolution against the LETKF.
+sparsity: one network trained on random observation networks at 25-100 % observed against the EnKF-N.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
 from danlab.config import ConfigError, load_config
-from danlab.experiments.run_config import RunConfig, learned_eval_data
+from danlab.experiments.run_config import RunConfig, learned_eval_data, resized_model
 from danlab.experiments.runner import format_score, run_experiment, tune_on_seed
 from danlab.io import atomic_write_text, write_json
 from danlab.learned import load_net, resolve_net_dir
@@ -230,37 +232,64 @@ def _bar_chart(df: pd.DataFrame, path: Path, published: str = "paper aRMSE") -> 
     plt.close(fig)
 
 
-def reproduce_transfer(out: Path, quick: bool, weights: str = "l96_nf40_ne1", sizes=(20, 40, 80, 160),
-                       threads: int | None = None, progress: bool = True) -> pd.DataFrame:
-    b = QUICK if quick else FULL
+@dataclass(frozen=True)
+class Transfer:
+    """The transdimensional transfer on one twin: the trained weights at each state size, beside `baseline` (a
+    config under configs/<model>/, resized to the same Nx with the same grid spacing, plus `baseline_over(Nx)`)."""
+
+    sizes: tuple[int, ...]
+    baseline: str
+    baseline_name: str
+    baseline_over: Callable[[int], list[str]]
+
+
+TRANSFERS = {
+    "l96": Transfer((20, 40, 80, 160), "enkf_n.yaml", "EnKF-N, N = Nx", lambda Nx: [f"filter.N={Nx}"]),
+    # domain lengths × 0.5, 1, 2 at the trained resolution; a local filter whose cost and skill do not depend on the
+    # domain size (the global filters need N to grow with the unstable dimension, which grows with the length)
+    "ks": Transfer((64, 128, 256), "letkf.yaml", "LETKF, N = 16, radius 51, inflation 1.02", lambda Nx: []),
+}
+
+
+def reproduce_transfer(out: Path, quick: bool, weights: str = "l96_nf40_ne1", sizes: tuple[int, ...] | None = None,
+                       threads: int | None = None, progress: bool = True, model: str = "l96",
+                       budget: Budget | None = None) -> pd.DataFrame:
+    t = TRANSFERS[model]
+    b = budget or (TABLES[model].quick if quick else TABLES[model].full)
     path = WEIGHTS / weights if not Path(weights).exists() else Path(weights)
+    th = [f"threads={threads}"] if threads else []
+    trained_Nx = load_net(path)[1].get("trained_with", {}).get("model", {}).get("Nx")
+    base = load_config(RunConfig, CONFIG_ROOT / model / t.baseline, th + _budget_overrides(b, 0)).model_dump(mode="json")
     rows, cells = [], []
-    for Nx in sizes:
+    for Nx in sizes or t.sizes:
         cfg = _learned_config(path, b, seed=0, Nx=Nx)
         if threads:
             cfg = cfg.model_copy(update={"threads": threads})
         learned = run_experiment(cfg, None)
-        enkf = run_experiment(load_config(RunConfig, CONFIGS / "enkf_n.yaml", [f"model.Nx={Nx}", f"filter.N={Nx}"]
-                                          + ([f"threads={threads}"] if threads else []) + _budget_overrides(b, 0)), None)
+        ref = load_config(RunConfig, data=base | {"model": resized_model(base["model"], Nx)}, overrides=t.baseline_over(Nx))
+        ref = run_experiment(ref, None)
         row = {"Nx": Nx, "learned_armse": learned["armse"], "learned_ci": learned["armse_ci"],
-               "learned_diverged": learned["n_diverged"], "enkf_n_diverged": enkf["n_diverged"],
-               "learned_ms_per_cycle": 1e3 / learned["cycles_per_s"], "enkf_n_armse": enkf["armse"], "enkf_n_ci": enkf["armse_ci"],
-               "enkf_n_ms_per_cycle": 1e3 / enkf["cycles_per_s"], "batch": b.batch}
+               "learned_diverged": learned["n_diverged"], "baseline_diverged": ref["n_diverged"],
+               "learned_ms_per_cycle": 1e3 / learned["cycles_per_s"], "baseline_armse": ref["armse"],
+               "baseline_ci": ref["armse_ci"], "baseline_ms_per_cycle": 1e3 / ref["cycles_per_s"], "batch": b.batch}
         rows.append(row)
         if progress:
-            print(f"  Nx {Nx}: a_θ {format_score(learned)}, EnKF-N (N={Nx}) {format_score(enkf)}", flush=True)
-        cells.append((format_score(learned, 3), format_score(enkf, 3)))
+            print(f"  Nx {Nx}: a_θ {format_score(learned)}, {t.baseline_name} {format_score(ref)}", flush=True)
+        cells.append((format_score(learned, 3), format_score(ref, 3)))
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "transfer.csv", df.to_csv(index=False))
-    lines = ["| Nx | a_θ (trained at Nx 40, Ne 1) | EnKF-N, N = Nx | a_θ ms/cycle | EnKF-N ms/cycle |", "|---|---|---|---|---|"]
+    lines = [f"| Nx | a_θ (trained at Nx {trained_Nx}, Ne 1) | {t.baseline_name} | a_θ ms/cycle | baseline ms/cycle |",
+             "|---|---|---|---|---|"]
     for r, (lc, ec) in zip(rows, cells):
         lines.append(f"| {r['Nx']} | {lc} | {ec} "
-                     f"| {r['learned_ms_per_cycle']:.2f} | {r['enkf_n_ms_per_cycle']:.2f} |")
-    md = "\n".join(lines) + (f"\n\nms/cycle: wall time of one cycle of a batch of {b.batch} experiments (forecast + analysis + statistics); "
+                     f"| {r['learned_ms_per_cycle']:.2f} | {r['baseline_ms_per_cycle']:.2f} |")
+    md = "\n".join(lines) + (f"\n\n{TABLES[model].twin}, resized to each Nx at the same grid spacing. ms/cycle: wall time "
+                             f"of one cycle of a batch of {b.batch} experiments (forecast + analysis + statistics); "
                              f"{b.batch} experiments × {b.cycles - b.burn_in} cycles after {b.burn_in} of burn-in.\n")
     atomic_write_text(out / "transfer.md", md)
-    write_json(out / "summary.json", {"budget": b.__dict__, "weights": str(path), "rows": rows})
+    write_json(out / "summary.json", {"model": model, "budget": b.__dict__, "weights": str(path),
+                                      "baseline": t.baseline_name, "rows": rows})
     return df
 
 

@@ -52,6 +52,16 @@ class RunConfig(Strict):
 
 
 
+def resized_model(model: dict, Nx: int) -> dict:
+    """The model section `model` at the state size Nx with the same grid spacing: a domain with a length
+    (Kuramoto–Sivashinsky) grows with Nx, so that a network trained at one size sees the resolution it was trained at
+    (the transdimensional transfer); Lorenz 96 has no length, its sites are its grid."""
+    out = dict(model) | {"Nx": Nx}
+    if "length" in model and model.get("Nx"):
+        out["length"] = model["length"] * Nx / model["Nx"]
+    return out
+
+
 def learned_eval_data(trained: dict, checkpoint: str, *, seed: int = 0, cycles: int = 10_000, burn_in: int = 500,
                       batch: int = 8, Nx: int | None = None, N: int | None = None) -> dict:
     """The RunConfig data that evaluates a trained network as a filter on the twin it was trained on
@@ -59,7 +69,7 @@ def learned_eval_data(trained: dict, checkpoint: str, *, seed: int = 0, cycles: 
     network's precision). Every evaluation of a network (eval, export, reproduce, sweeps) is built here."""
     model = dict(trained.get("model", {}))
     if Nx is not None:  # 0 or a negative size is refused by the validation, not taken for "the default"
-        model["Nx"] = Nx
+        model = resized_model(model, Nx)
     return {"seed": seed, "cycles": cycles, "burn_in": min(burn_in, cycles - 1), "batch": batch, "dtype": "float32",
             "model": model, "observations": dict(trained.get("observations", {})),
             "filter": {"method": "learned", "checkpoint": str(checkpoint), "N": N if N is not None else trained.get("train", {}).get("N", 1)}}
