@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval", help="evaluate a trained network as a filter (same summary as `run`)")
     sp.add_argument("checkpoint", help="network folder (model.json) or training run folder")
-    sp.add_argument("--nx", type=int, help="state size (default: the training one)")
+    sp.add_argument("--nx", type=int, help="state size (default: the training one; a Kuramoto–Sivashinsky domain keeps its grid spacing, its length scales with Nx)")
     sp.add_argument("--N", type=int, help="ensemble size (default: the training one)")
     sp.add_argument("--cycles", type=int, default=10_000)
     sp.add_argument("--burn-in", type=NONNEG, default=500)
