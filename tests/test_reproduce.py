@@ -162,6 +162,8 @@ def test_sparsity_runs_one_network_at_each_fraction(tmp_path):
         assert row.enkf_n_armse == enkf["armse"] and row.ratio == learned["armse"] / enkf["armse"]
     assert df["learned_armse"].iloc[0] > df["learned_armse"].iloc[1]  # fewer observations, a larger error
     md = (tmp_path / "out" / "sparsity.md").read_text()
+    gone = dict(df.iloc[0]) | {"learned_armse": float("nan"), "learned_diverged": TINY.batch, "ratio": float("nan")}
+    assert "| 0.5 | diverged (2 of 2) |" in rp.sparsity_markdown([gone], TINY, w) and "nan" not in rp.sparsity_markdown([gone], TINY, w)
     r = df.iloc[0]
     assert f"| 0.5 | {r.learned_armse:.3f} ± {r.learned_ci:.3f} | {r.enkf_n_armse:.3f} ± {r.enkf_n_ci:.3f}" in md
 

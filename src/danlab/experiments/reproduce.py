@@ -329,20 +329,25 @@ def reproduce_sparsity(out: Path, quick: bool, weights: str = "l96_nf40_sparse",
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "sparsity.csv", df.to_csv(index=False))
+    atomic_write_text(out / "sparsity.md", sparsity_markdown(rows, b, path))
+    write_json(out / "summary.json", {"budget": b.__dict__, "quick": quick, "weights": str(path), "rows": rows})
+    return df
+
+
+def sparsity_markdown(rows: list[dict], b: Budget, weights: Path | str) -> str:
+    """The sparsity table from the rows of `reproduce_sparsity` (also its summary.json's)."""
     lines = ["| observed fraction | a_θ (one network) | EnKF-N, N = 20 (xN tuned on seed 1) | a_θ / EnKF-N |",
              "|---|---|---|---|"]
     for r in rows:
         cells = [format_score({"armse": r[f"{k}_armse"], "armse_ci": r[f"{k}_ci"], "n_diverged": r[f"{k}_diverged"],
                                "experiments": b.batch}, 3) for k in ("learned", "enkf_n")]
-        lines.append(f"| {r['fraction']:g} | {cells[0]} | {cells[1]} (xN {r['enkf_n_xN']:g}) | {r['ratio']:.2f} |")
-    md = "\n".join(lines) + (f"\n\nLorenz 96 standard (Nx 40, F 8, Δt 0.05, R = I); each cycle a fresh random subset of that "
-                             f"fraction of the sites is observed. a_θ: {path} (trained on random networks); {b.batch} "
-                             f"experiments × {b.cycles - b.burn_in} cycles after {b.burn_in} of burn-in, seed 0; the "
-                             f"EnKF-N's xN tuned over {XN_GRID.split('=')[1]} on seed 1 ({b.tune_batch} × {b.tune_cycles} "
-                             f"cycles).\n")
-    atomic_write_text(out / "sparsity.md", md)
-    write_json(out / "summary.json", {"budget": b.__dict__, "quick": quick, "weights": str(path), "rows": rows})
-    return df
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] == r["ratio"] else "—"  # a fully diverged side has no aRMSE
+        lines.append(f"| {r['fraction']:g} | {cells[0]} | {cells[1]} (xN {r['enkf_n_xN']:g}) | {ratio} |")
+    return "\n".join(lines) + (f"\n\nLorenz 96 standard (Nx 40, F 8, Δt 0.05, R = I); each cycle a fresh random subset of "
+                               f"that fraction of the sites is observed. a_θ: {weights} (trained on random networks); "
+                               f"{b.batch} experiments × {b.cycles - b.burn_in} cycles after {b.burn_in} of burn-in, seed 0; "
+                               f"the EnKF-N's xN tuned over {XN_GRID.split('=')[1]} on seed 1 ({b.tune_batch} × "
+                               f"{b.tune_cycles} cycles).\n")
 
 
 # ---- the opening comparison: aRMSE against the length of the data-assimilation window ------------------
