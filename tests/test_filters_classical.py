@@ -226,6 +226,12 @@ def test_climatology_filter_scores_the_climatological_std():
     C = climatology(m, trajectories=4, cycles=300, seed=2)
     expected = float((C.diag().mean() + (mean - xs.mean((0, 1))).pow(2).mean()).sqrt())  # about 3.6
     assert res.scores()["armse"] == pytest.approx(expected, rel=0.04) and res.scores()["n_diverged"] == 0
+    # a threshold below its own error would flag every cycle of any filter that tracks the truth; climatology never
+    # tracks it, so only a non-finite state could flag it
+    low = run_cycles(f, m, TwinStream(m, Observer(Nx=40), 2, seed=5), cycles=50, burn_in=10, seed=5, divergence_factor=0.5)
+    assert low.scores()["n_diverged"] == 0
+    assert run_cycles(Var3D(cov=C, scale=0.02), m, TwinStream(m, Observer(Nx=40), 2, seed=5), cycles=50, burn_in=10,
+                      seed=5, divergence_factor=0.01).scores()["n_diverged"] == 2
     with pytest.raises(ValueError, match="N must be 1"):
         Climatology(N=2)
     with pytest.raises(RuntimeError, match="prepare"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
     carry = filt.start(E)
     lag = getattr(filt, "lag", 0)
     truths = deque([twin.x], maxlen=lag + 1)  # the truth at the last lag + 1 times, the newest last
-    threshold = divergence_threshold(twin.x, divergence_factor)
+    threshold = divergence_threshold(twin.x, divergence_factor) if getattr(filt, "tracks_truth", True) else math.inf
     # per-cycle statistics, kept as tensors of the states' dtype and device and read back once at the end:
     # RMSE of the forecast and analysis means (K, 2, B), spreads (K, 2, B) only for an ensemble (N > 1),
     # the smoother's RMSE (K, B). Each cycle costs a handful of tensor calls (see benchmarks/filter_speed.py).

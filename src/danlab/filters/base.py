@@ -120,6 +120,9 @@ class Filter(BaseModel):
     N: int = Field(20, ge=1, description="ensemble size")
     tunable: ClassVar[tuple[str, ...]] = ()
     min_N: ClassVar[int] = 1
+    # False for a method that ignores the observations (climatology): it cannot lose a truth it never tracks, so
+    # only a non-finite state flags it; its error sits at the climatological spread, near the divergence threshold
+    tracks_truth: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _check_N(self):

@@ -92,6 +92,7 @@ class Climatology(FromClimatology):
     std of the state (Lorenz 96 standard 3.6, Kuramoto–Sivashinsky 32π 1.3)."""
 
     method: Literal["climatology"] = "climatology"
+    tracks_truth: ClassVar[bool] = False
     mean: torch.Tensor | None = Field(None, exclude=True, description="the climatological mean state, (Nx,)")
 
     def prepare(self, model, observer, dtype, device) -> "Climatology":
