@@ -79,6 +79,14 @@ def test_ks_table_rows_are_the_configs_runs(tmp_path):
     assert "Kuramoto–Sivashinsky twin (Nx 128" in md and "nan" not in md
 
 
+def test_bar_chart_of_a_table_without_published_numbers(tmp_path):
+    """The QG table has no published score in any row (None throughout): its chart is still drawn."""
+    df = pd.DataFrame([{"method": "a", "paper": None, "armse": 0.3, "armse_ci": 0.01},
+                       {"method": "b", "paper": None, "armse": float("nan"), "armse_ci": float("nan")}])
+    rp._bar_chart(df, tmp_path / "t.png", rp.TABLES["qg"].published)
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
 def test_every_table_row_is_a_valid_config():
     """Each row of each model's table names a config that loads with its overrides and tuning grids (the QG rows,
     too slow to run here, included), or a weights folder."""

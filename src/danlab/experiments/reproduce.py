@@ -221,7 +221,8 @@ def _bar_chart(df: pd.DataFrame, path: Path, published: str = "paper aRMSE") -> 
     import numpy as np
     fig, ax = plt.subplots(figsize=(8, 4))
     y = np.arange(len(df))
-    ax.barh(y + 0.2, df["paper"], height=0.4, label=published, color="0.7")
+    # a table with no published number at all (QG) holds None, not NaN, in that column
+    ax.barh(y + 0.2, pd.to_numeric(df["paper"]).fillna(0), height=0.4, label=published, color="0.7")
     ax.barh(y - 0.2, df["armse"].fillna(0), xerr=df["armse_ci"].fillna(0), height=0.4, label="danlab", color="C0")
     ax.set_yticks(y, df["method"], fontsize=8)
     ax.invert_yaxis()
