@@ -590,10 +590,11 @@ class Trainer:
                 if (self.step % tc.val_every == 0 or self.step == tc.max_steps or out_of_time
                         or (tc.val_every_s is not None and time.perf_counter() - last_val >= tc.val_every_s)):
                     last_val = time.perf_counter()
-                    va, ci, *spread = validate(self.cfg, self.kept, with_spread=tc.N > 1)
+                    v = validate(self.cfg, self.kept, with_spread=True) if tc.N > 1 else validate(self.cfg, self.kept)
+                    va, ci = v[:2]
                     row = (row or {"step": self.step, "wall_s": f"{self.wall_s:.1f}"}) | {"val_armse": f"{va:.4f}", "val_ci": f"{ci:.4f}"}
                     if tc.N > 1:
-                        row["val_spread"] = f"{spread[0]:.4f}"
+                        row["val_spread"] = f"{v[2]:.4f}"
                     if self.avg is not None:
                         row["val_raw_armse"] = f"{validate(self.cfg, self.net)[0]:.4f}"
                     # the kept network is the best validated one; trained from observations only, the latest (its
