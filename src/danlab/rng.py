@@ -41,14 +41,15 @@ class BatchRNG:
                 raise ValueError(f"BatchRNG: {len(ids)} ids for a batch of {B}")
             self.ids = list(ids)
             uniq = sorted(set(self.ids))
-            self._row = torch.tensor([uniq.index(i) for i in self.ids])
+            # row b draws from its id's generator: a gather unless the ids are already distinct and increasing
+            self._row = None if self.ids == uniq else torch.tensor([uniq.index(i) for i in self.ids])
             self.gens = [make_generator(seed, f"{stream}/{i}") for i in uniq]
 
     def _draw(self, fn, shape, dtype, device):
         if self.ids is None:
             return fn(self.B, *shape, generator=self.gens[0], dtype=dtype).to(device)
         per = torch.stack([fn(*shape, generator=g, dtype=dtype) for g in self.gens])
-        if len(self.gens) != self.B:
+        if self._row is not None:
             per = per[self._row]
         return per.to(device)
 
