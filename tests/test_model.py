@@ -94,6 +94,19 @@ def test_observation_operators():
     r = Observer(10, kind="random", count_min=2, count_max=6).observe(big, BatchRNG(1, "obs", 2000))
     assert set(r.Ny.long().tolist()) == {2, 3, 4, 5, 6}
     assert abs(float(r.mask.mean(0).std())) < 0.03  # every site equally likely
+    # count_by experiment: each experiment keeps its count at every cycle (its id, or its batch row, sets it), the
+    # sites still drawn afresh; one experiment alone draws what it draws in a batch
+    fixed = Observer(10, kind="random", count_min=2, count_max=6, count_by="experiment")
+    rng = BatchRNG(1, "obs", 7)
+    masks = [fixed.observe(big[:7], rng).mask for _ in range(3)]
+    for m in masks:
+        assert torch.equal(m.sum(-1).long(), torch.tensor([2, 3, 4, 5, 6, 2, 3]))
+    assert not torch.equal(masks[0], masks[1])
+    ids = [8, 3]
+    both = fixed.observe(big[:2], BatchRNG(1, "obs", 2, ids))
+    assert torch.equal(both.Ny.long(), torch.tensor([2 + 8 % 5, 2 + 3 % 5]))
+    alone = fixed.observe(big[:1], BatchRNG(1, "obs", 1, [3]))
+    assert torch.equal(alone.mask[0], both.mask[1]) and torch.equal(alone.y[0], both.y[1])
     with pytest.raises(ValueError, match="sigma"):
         Observer(10, sigma=0)
     with pytest.raises(ValueError, match="sites"):

@@ -190,6 +190,10 @@ class ObsConfig(Strict):
     fraction: float | None = Field(None, gt=0, le=1, description="kind random: the observed fraction of the sites")
     count_min: int | None = Field(None, ge=1, description="kind random: the count is drawn in [count_min, count_max]")
     count_max: int | None = Field(None, ge=1, description="kind random: the count is drawn in [count_min, count_max]")
+    count_by: Literal["cycle", "experiment"] = Field(
+        "cycle", description="kind random with count_min < count_max: the count is drawn afresh every cycle (cycle), or "
+        "fixed per experiment (experiment: count_min + id mod (count_max - count_min + 1); in training the batch row), "
+        "so that each level of sparsity is sustained, as an evaluation at a fixed fraction sustains it")
 
     def build(self, Nx: int) -> Observer:
         return Observer(Nx=Nx, **self.model_dump())

@@ -57,8 +57,10 @@ class Observer:
     """Draws each cycle's observation operator and noisy observations.
 
     kind: 'identity' (all sites), 'subset' (the fixed `sites`), or 'random' (a subset drawn afresh at
-    every cycle for every experiment: `count` sites, or `fraction` of Nx, or a count drawn uniformly
-    in [count_min, count_max]).
+    every cycle for every experiment: `count` sites, or `fraction` of Nx, or a count in [count_min,
+    count_max]: drawn uniformly every cycle (count_by 'cycle'), or fixed for each experiment (count_by
+    'experiment': count_min + id mod (count_max - count_min + 1), the id being the experiment's, or its batch
+    row in training, so that every level of sparsity is sustained on some trajectories, evenly)).
     """
 
     Nx: int
@@ -69,6 +71,7 @@ class Observer:
     fraction: float | None = None
     count_min: int | None = None
     count_max: int | None = None
+    count_by: Literal["cycle", "experiment"] = "cycle"
 
     def __post_init__(self):
         if not self.sigma > 0:
@@ -101,7 +104,11 @@ class Observer:
             return m.expand(B, self.Nx).clone()
         lo, hi = self.count_range
         u = rng.rand(self.Nx + 1, dtype=torch.float64)  # last column draws the count
-        count = lo + torch.floor(u[:, -1] * (hi - lo + 1)).long().clamp(max=hi - lo)
+        if self.count_by == "experiment":
+            ids = torch.arange(B) if rng.ids is None else torch.tensor(rng.ids)
+            count = lo + ids % (hi - lo + 1)
+        else:
+            count = lo + torch.floor(u[:, -1] * (hi - lo + 1)).long().clamp(max=hi - lo)
         rank = u[:, :-1].argsort(-1).argsort(-1)  # a random permutation's ranks per row
         return (rank < count[:, None]).to(dtype=dtype, device=device)
 
