@@ -30,6 +30,8 @@ test-slow: $(STAMP)
 MUTATION_SAMPLE ?= 0.10
 MUTATION_SEED ?= 0
 MUTATION_JOBS ?= 1
+# a subset of the core, paths under src/danlab (e.g. MUTATION_MODULES="models/ks.py filters/local.py"); empty: all
+MUTATION_MODULES ?=
 DEV_STAMP := $(VENV)/.installed-dev
 
 $(DEV_STAMP): $(STAMP)
@@ -37,7 +39,7 @@ $(DEV_STAMP): $(STAMP)
 	touch $(DEV_STAMP)
 
 mutation: $(DEV_STAMP)
-	OMP_NUM_THREADS=1 nice -n 15 $(BIN)/python scripts/mutation.py run --sample $(MUTATION_SAMPLE) --seed $(MUTATION_SEED) --jobs $(MUTATION_JOBS)
+	OMP_NUM_THREADS=1 nice -n 15 $(BIN)/python scripts/mutation.py run --sample $(MUTATION_SAMPLE) --seed $(MUTATION_SEED) --jobs $(MUTATION_JOBS) $(if $(MUTATION_MODULES),--modules $(MUTATION_MODULES))
 
 clean:
 	rm -rf $(VENV) runs

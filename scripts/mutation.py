@@ -1,6 +1,6 @@
 """`make mutation`: mutation testing of the numerical core with mutmut, and its kill rate per module.
 
-    python scripts/mutation.py run [--sample F] [--seed S] [--jobs J]   # mutate, test, summarise
+    python scripts/mutation.py run [--sample F] [--seed S] [--jobs J] [--modules M ...]   # mutate, test, summarise
     python scripts/mutation.py summary                                 # the last run's kill rates again
 
 mutmut (configured in pyproject.toml, [tool.mutmut]) copies src/ into mutants/ and mutates the copy; src/ is
@@ -60,9 +60,9 @@ def mutant_names(path: str) -> list[str]:
     return [get_mutant_name(Path(path), n) for n in mutate_file_contents(path, code).mutant_names]
 
 
-def sample(fraction: float, seed: int) -> list[str]:
+def sample(fraction: float, seed: int, modules: list[str] = MODULES) -> list[str]:
     chosen = []
-    for path in MODULES:
+    for path in modules:
         names = mutant_names(path)
         if fraction >= 1:
             chosen += names
@@ -76,19 +76,19 @@ def git_src_state() -> str:
     return subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True, text=True).stdout
 
 
-def results() -> dict[str, dict[str, int | None]]:
+def results(modules: list[str] = MODULES) -> dict[str, dict[str, int | None]]:
     out = {}
-    for path in MODULES:
+    for path in modules:
         meta = ROOT / "mutants" / (path + ".meta")
         out[path] = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
     return out
 
 
-def summary(names: list[str] | None = None) -> str:
+def summary(names: list[str] | None = None, modules: list[str] = MODULES) -> str:
     """Markdown table of the kill rate per module (restricted to `names` when given)."""
     wanted = set(names) if names else None
     rows, tot = [], Counter()
-    for path, codes in results().items():
+    for path, codes in results(modules).items():
         c = Counter()
         for name, code in codes.items():
             if wanted is not None and name not in wanted:
@@ -121,9 +121,18 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", type=float, default=1.0, help="fraction of each module's mutants (1: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1, help="mutants tested at once (mutmut --max-children)")
+    ap.add_argument("--modules", nargs="+", metavar="M", help="only these modules, as paths under src/danlab "
+                    "(e.g. models/ks.py filters/local.py); default: all of the numerical core")
     a = ap.parse_args(argv)
     os.chdir(ROOT)
-    names = sample(a.sample, a.seed) if a.sample < 1 else None
+    modules = MODULES
+    if a.modules:
+        modules = [f"src/danlab/{m.removeprefix('src/danlab/')}" for m in a.modules]
+        unknown = sorted(set(modules) - set(MODULES))
+        if unknown:
+            ap.error(f"--modules: not in the mutated core: {', '.join(unknown)} (choose among "
+                     f"{', '.join(m.removeprefix('src/danlab/') for m in MODULES)})")
+    names = sample(a.sample, a.seed, modules) if a.sample < 1 or a.modules else None
     if a.command == "list":
         print("\n".join(names or sample(1.0, 0)))
         return 0
@@ -139,7 +148,7 @@ def main(argv=None) -> int:
             print(f"mutation: mutmut exited {rc}", file=sys.stderr)
     label = f"a seeded sample ({a.sample:g} of each module's mutants, seed {a.seed})" if names else "all mutants"
     print(f"\nKill rate, {label}:\n")
-    print(summary(names))
+    print(summary(names, modules))
     return 0
 
 
