@@ -45,6 +45,21 @@ EQUIVALENT: dict[str, str] = {
     "danlab.filters.base.x_safe_eigh__mutmut_9": _CPU,
     "danlab.filters.variational.xǁVar4Dǁprepare__mutmut_9": _CPU,
     "danlab.filters.iterative.xǁIEnKSǁwindow_analysis__mutmut_176": _CPU,
+    "danlab.filters.local.x_periodic_distances__mutmut_5": _CPU,
+    "danlab.models.ks.x_etdrk4_coefficients__mutmut_1": "contour points 32 -> 33: the trapezoidal contour integral has "
+                                                       "converged to round-off at both",
+    "danlab.models.ks.xǁKuramotoSivashinskyǁ_nonlinear__mutmut_6": "irfft length dropped: Nx is even (refused "
+                                                                   "otherwise), so the default 2 (Nx/2 + 1 - 1) is Nx",
+    "danlab.models.sht.xǁSHTǁ_legendre_synthesis__mutmut_12": "einsum subscripts upper-cased: the same contraction",
+    "danlab.models.sht.xǁSHTǁ_legendre_synthesis__mutmut_18": "irfft dim=-1 dropped: -1 is the default",
+    "danlab.models.qg_sphere.xǁQGSphereǁspinup__mutmut_1": "default time 50 -> 51 days: max(time, 100) runs 100 either way",
+    "danlab.models.qg_sphere.xǁQGSphereǁdistances__mutmut_18": "upper clamp of the cosine dropped: on the Gaussian grids "
+                                                               "it never exceeds 1 (measured at T10 and T21: max 1 exactly)",
+    "danlab.models.qg_sphere.xǁQGSphereǁtendency__mutmut_15": _CPU,
+    "danlab.models.qg_sphere.xǁQGSphereǁtendency__mutmut_78": _CPU,
+    "danlab.models.qg_sphere.xǁQGSphereǁenergy_spectrum__mutmut_21": _CPU,
+    "danlab.nets.sphere.xǁSphereNetǁfeatures__mutmut_52": "the latitude buffer's cast to E's dtype dropped: the buffer "
+                                                          "follows the module's dtype, which E must have for the convolutions",
 }
 
 KILLED = {1, 3, 24, -24, 152, 255, 36}  # a failing test run, or a timeout (SIGXCPU): the mutant was detected

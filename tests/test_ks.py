@@ -181,3 +181,23 @@ def test_lyapunov_spectrum():
     # the three neutral directions, at the scatter of this short estimate (measured: λ_11..λ_16 = 0.009, 0.006, 0.002,
     # -0.001, -0.006, -0.007)
     assert int((abs(lam) <= 0.01).sum()) >= 3
+
+
+def test_initial_state_is_a_small_perturbation_of_rest():
+    """The state off the attractor is 0.1 × the noise (u = 0 is an unstable rest state; the spin-up grows it)."""
+    noise = torch.randn(3, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(KuramotoSivashinsky(Nx=64, length=16 * math.pi).initial(noise), 0.1 * noise)
+
+
+def test_energy_spectrum_is_parseval_per_wavenumber():
+    """|û_k|² / Nx² per wavenumber k = 0..Nx/2, for each state of a batch: a sine of amplitude a at k has a²/4 there
+    and nothing elsewhere; the mean square of u is E_0 + 2 Σ_{0<k<Nx/2} E_k + E_{Nx/2}."""
+    model = KuramotoSivashinsky(Nx=64, length=16 * math.pi)
+    x = torch.arange(64, dtype=torch.float64) / 64
+    spec = model.energy_spectrum(torch.stack([1.5 * torch.sin(2 * math.pi * 5 * x), 0.5 * torch.cos(2 * math.pi * 9 * x)]))
+    assert spec.shape == (2, 33)
+    assert torch.allclose(spec[0, 5], torch.tensor(1.5**2 / 4, dtype=torch.float64)) and spec[0, 9] < 1e-28
+    assert torch.allclose(spec[1, 9], torch.tensor(0.5**2 / 4, dtype=torch.float64)) and spec[1, 5] < 1e-28
+    u = torch.randn(3, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    E = model.energy_spectrum(u)
+    assert torch.allclose(E[:, 0] + 2 * E[:, 1:32].sum(-1) + E[:, 32], u.square().mean(-1), rtol=1e-12)

@@ -150,3 +150,32 @@ def test_letkf_on_the_sphere_localises_in_great_circle_distance():
     assert bool(changed[rho > 1e-8].all()) and not bool(changed[~near].any())
     # the neighbourhood is a disc on the sphere, not an interval of the state index (rows of 32 points)
     assert bool(near[j + 32]) and not bool(near[(j + Nx // 2) % Nx])
+
+
+def test_taper_has_finite_derivatives_and_default_blocks_are_sites():
+    """The taper is differentiable everywhere, r = 0 and the support's edge included (no 1/r of the unused branch
+    leaks into the gradient); the default localisation is per site, (1, Nx, Nx); a (B,) radius gives B tapers, each
+    its scalar's."""
+    r = torch.linspace(0.0, 2.5, 26, dtype=f64, requires_grad=True)
+    gaspari_cohn(r).sum().backward()
+    assert torch.isfinite(r.grad).all() and r.grad[0] == 0 and (r.grad[21:] == 0).all()
+    like = torch.zeros(1, dtype=f64)
+    assert localisation(12, 3.0, like).shape == (1, 12, 12)
+    both = localisation(12, torch.tensor([2.0, 4.5]), like, block=3)
+    assert both.shape == (2, 4, 12)
+    for b, c in enumerate((2.0, 4.5)):
+        assert torch.equal(both[b], localisation(12, c, like, block=3)[0])
+
+
+def test_local_hyperparameter_grids_equal_scalars():
+    """(A fast version of the batched test above, for the mutation selection.) A local EnKF-N with xN and radius
+    given as (B,) tensors gives each row what its scalars give."""
+    E, obs = problem()
+    rng = BatchRNG(0, "f", 3, [0, 1, 2])
+    radius, xN = [3.0, 6.0, 30.0], [0.5, 1.0, 2.0]
+    filt = LETKF(N=8, prior="N", block=2).model_copy(update={"radius": torch.tensor(radius), "xN": torch.tensor(xN)})
+    batched = filt.analysis(E, obs, rng)
+    for b in range(3):
+        one = LETKF(N=8, prior="N", block=2, radius=radius[b], xN=xN[b]).analysis(E[b:b + 1], obs.select([b]), rng)
+        assert torch.allclose(batched[b], one[0], atol=1e-12)
+    assert not torch.allclose(batched[0], batched[2])

@@ -133,6 +133,10 @@ def test_bad_model_parameters_are_refused():
         QGSphere(T=21, nlat=24)
     with pytest.raises(ValueError, match="nlon must be >= 3T\\+1 = 64"):
         QGSphere(T=21, nlon=48)
+    with pytest.raises(ValueError, match="nlon must be >= 3T\\+1 = 64 .*got 63"):
+        QGSphere(T=21, nlon=63)  # the first aliasing width
+    with pytest.raises(ValueError, match="hyperdiffusion_order must be >= 1 \\(got 0\\)"):
+        QGSphere(hyperdiffusion_order=0)
     with pytest.raises(ValueError, match="deformation_radius must be > 0"):
         QGSphere(deformation_radius=0.0)
     with pytest.raises(ValueError, match="dt must be > 0"):
@@ -226,3 +230,62 @@ def test_var3d_refuses_a_shift_average_on_the_sphere():
     cfg = load_config(RunConfig, "configs/qg/var3d.yaml", ["filter.homogeneous=true"])
     with pytest.raises(ConfigError, match="filter.homogeneous"):
         cfg.filter.prepare(cfg.model.build(), cfg.observations.build(cfg.model.Nx), torch.float64, "cpu")
+
+
+# --- the fixed fields and the diagnostics, against their formulas -------------------------------------------------
+
+def mode(model: QGSphere, m: int, l: int, value=1.0 + 0.5j) -> torch.Tensor:
+    """Coefficients of ψ with the single (m, l) mode (m = 0 real)."""
+    c = torch.zeros(model.T + 1, model.T + 1, dtype=torch.complex128)
+    c[m, l] = value if m else value.real
+    return c
+
+
+def test_pv_inversion_and_dissipation_follow_their_formulas():
+    """q' = -(l(l+1) + (a/L_R)²) ψ per degree (a the Earth's radius); with L_R infinite the l = 0 mode of ψ is 0
+    whatever q's; the hyperdiffusion rate is ν (l(l+1) / T(T+1))^p (ν at the truncation); the static PV is
+    f (1 + h), h = orography cos 2λ sin² 2φ."""
+    finite, infinite = QGSphere(T=10, deformation_radius=1000.0), QGSphere(T=10, deformation_radius=None)
+    for m, l in ((0, 1), (1, 3), (4, 7)):
+        psi = mode(finite, m, l)
+        assert torch.allclose(finite.pv(psi), -(l * (l + 1) + (6371.0 / 1000.0) ** 2) * psi, rtol=1e-12)
+        assert torch.allclose(infinite.pv(psi), -(l * (l + 1)) * psi, rtol=1e-12)
+        assert torch.allclose(infinite.streamfunction(infinite.pv(psi)), psi, rtol=1e-12)
+    q = mode(infinite, 0, 0) + mode(infinite, 2, 5)
+    assert infinite.streamfunction(q)[0, 0] == 0 and infinite.streamfunction(q)[2, 5] == -q[2, 5] / 30
+    model = QGSphere(T=10, hyperdiffusion=0.7, hyperdiffusion_order=3)
+    nu = model.static("nu", torch.float64, "cpu")
+    assert torch.allclose(nu[:, 10], torch.full((11,), 0.7, dtype=torch.float64))
+    degree = torch.arange(11, dtype=torch.float64)
+    assert torch.allclose(nu[0], 0.7 * (degree * (degree + 1) / 110) ** 3)
+    model = QGSphere(T=10, orography=0.3)
+    lat, lon = model.sht.lat[:, None], model.sht.lon[None, :]
+    f = 2 * OMEGA * torch.sin(lat).expand(model.nlat, model.nlon)
+    expected = model.sht.analysis(f * (1 + 0.3 * torch.cos(2 * lon) * torch.sin(2 * lat) ** 2))
+    assert torch.allclose(model.static("q_static", torch.float64, "cpu"), expected, atol=1e-12)
+
+
+def test_energy_spectrum_splits_the_energy_by_degree(turbulent_state):
+    """Σ_l E(l) = E for each state of a batch, in the states' dtype; a single mode of degree l puts all its energy
+    at l; the initial perturbation lies in degrees 1 to 10."""
+    model = QGSphere(T=21)
+    for x in (turbulent_state, turbulent_state.float()):
+        spec = model.energy_spectrum(x)
+        assert spec.shape == (2, 22) and spec.dtype == x.dtype
+        assert torch.allclose(spec.sum(-1), model.energy(x), rtol=1e-5 if x.dtype == torch.float32 else 1e-12)
+    single = model.energy_spectrum(model.to_grid(mode(model, 3, 6)))
+    assert single[6] > 0 and torch.all(single[torch.arange(22) != 6].abs() < 1e-12 * single[6])
+    g = torch.Generator().manual_seed(4)
+    pert = model.initial(torch.randn(model.Nx, generator=g, dtype=torch.float64)) - model.to_grid(
+        model.static("psi_jet", torch.float64, "cpu"))
+    spec = model.energy_spectrum(pert)
+    assert torch.all(spec[1:11] > 1e-4 * spec.max()) and torch.all(spec[11:] < 1e-12 * spec.max()) and spec[0] < 1e-12 * spec.max()
+
+
+def test_spinup_integrates_at_least_100_days(monkeypatch):
+    """spin-up runs max(time, 100) days of model steps (dt in days)."""
+    model, steps = QGSphere(T=10), []
+    monkeypatch.setattr(QGSphere, "integrate", lambda self, x, n: steps.append(n) or x)
+    x = torch.zeros(model.Nx, dtype=torch.float64)
+    model.spinup(x, 10.0), model.spinup(x, 150.0)
+    assert steps == [round(100 / model.dt), round(150 / model.dt)]

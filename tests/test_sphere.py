@@ -141,10 +141,11 @@ def test_transforms_are_differentiable_and_batched():
 def test_bad_grids_are_refused():
     with pytest.raises(ValueError, match="truncation T must be >= 1"):
         SHT(0, 4, 4)
-    with pytest.raises(ValueError, match="nlat must be >= T \\+ 1"):
+    with pytest.raises(ValueError, match="nlat must be >= T \\+ 1 = 22 .*got 21"):
         SHT(21, 21, 64)
-    with pytest.raises(ValueError, match="nlon must be >= 2T \\+ 1"):
+    with pytest.raises(ValueError, match="nlon must be >= 2T \\+ 1 = 43 .*got 42"):
         SHT(21, 32, 42)
+    SHT(21, 22, 43)  # the smallest exact grid is accepted
     assert SHT.alias_free(21) == (32, 64) and SHT.alias_free(42) == (64, 128)
 
 
@@ -213,3 +214,41 @@ def test_legendre_functions_are_orthonormal_up_to_the_largest_truncation(T, nlat
     for m in (0, 1, T // 2, T):
         G = (P[m, m:] * w) @ P[m, m:].T
         assert np.abs(G - np.eye(T + 1 - m)).max() < 1e-12
+
+
+def test_single_precision_stays_single_and_float32_latitudes_are_read_exactly(t21):
+    """Fields in float32 are transformed with float32 tables (complex64 out, equal to the float64 transform to
+    float32 round-off, the divergence analysis included); legendre() evaluates float32 latitudes in float64."""
+    g = torch.Generator().manual_seed(3)
+    A, B = (torch.randn(2, 32, 64, generator=g, dtype=torch.float64) for _ in range(2))
+    B = B * torch.cos(t21.lat).view(32, 1)  # vanishes towards the poles, as the divergence analysis assumes
+    for fn, args in ((t21.analysis, (A,)), (t21.analysis_divergence, (A, B))):
+        exact = fn(*args)
+        single = fn(*(a.float() for a in args))
+        assert single.dtype == torch.complex64 and exact.dtype == torch.complex128
+        assert torch.allclose(single.to(torch.complex128), exact, atol=1e-4 * float(exact.abs().max()))
+    mu32 = gauss_legendre(12)[0].astype(np.float32)
+    assert np.array_equal(legendre(10, mu32), legendre(10, mu32.astype(np.float64)))
+
+
+def test_sphere_net_layers_dtypes_and_bad_shapes():
+    """One activation between consecutive convolutions of a block (none after the last: the residual adds it);
+    the latitude input is a fixed buffer, not saved with the weights; the network runs in float64 as in float32;
+    a wrong zeta or zeta_members is refused with a ValueError naming it."""
+    from danlab.nets import NetConfig, build_net
+    torch.manual_seed(0)
+    net = build_net(NetConfig(kind="sphere", nlat=16, Nf=6, Nbl=2, Nl=3, kernel=3, shift=0.0, scale=10.0))
+    for block in net.blocks:
+        assert [type(m).__name__ for m in block.f] == ["SphereConv", "GELU", "SphereConv", "GELU", "SphereConv"]
+    assert "mu" not in net.state_dict() and all(k.split(".")[-1] in ("weight", "bias", "gain") for k in net.state_dict())
+    torch.nn.init.normal_(net.out.weight, std=0.1)
+    g = torch.Generator().manual_seed(1)
+    E = torch.randn(2, 1, 16 * 32, generator=g)
+    z = torch.randn(2, 16 * 32, generator=g)
+    out32 = net(E, z)
+    out64 = net.double()(E.double(), z.double())
+    assert out64.dtype == torch.float64 and torch.allclose(out64.float(), out32, atol=1e-5)
+    with pytest.raises(ValueError, match=r"zeta \(B, Nx\); got \(2, 1, 512\) and \(2, 511\)"):
+        net(E.double(), z[:, :-1].double())
+    with pytest.raises(ValueError, match=r"zeta_members of the shape of E \(2, 1, 512\); got \(2, 2, 512\)"):
+        net(E.double(), z.double(), torch.zeros(2, 2, 512, dtype=torch.float64))
