@@ -572,3 +572,23 @@ def test_semisupervised_keeps_the_latest_network_not_the_truths_choice(tmp_path,
         train(tiny(loss=loss, ema=0.0), d, progress=False)  # validated at steps 4 and 8
         assert json.loads((d / "best" / "model.json").read_text())["step"] == kept_step
 
+
+
+def test_code_version_is_read_once_per_session_and_kept_across_resumes(tmp_path, monkeypatch):
+    """A run records the code its process started with, not a commit made while it trains; a resume under other code
+    adds that session, and exported weights say both."""
+    import danlab.training.trainer as trainer_module
+    from danlab.experiments.export import export
+    versions = iter(["aaa", "changed-while-training"] + ["changed-while-training"] * 50)
+    monkeypatch.setattr(trainer_module, "code_version", lambda: next(versions))
+    train(tiny(), tmp_path / "run", stop_after=3, progress=False)
+    meta = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert meta["code_version"] == "aaa" and meta["code_versions"] == [{"step": 0, "code": "aaa"}]
+    monkeypatch.setattr(trainer_module, "code_version", lambda: "bbb")
+    train(tiny(), tmp_path / "run", resume=True, progress=False)
+    meta = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert meta["code_versions"] == [{"step": 0, "code": "aaa"}, {"step": 3, "code": "bbb"}]
+    export(tmp_path / "run", tmp_path / "w", cycles=20, burn_in=5, batch=1)
+    prov = json.loads((tmp_path / "w" / "provenance.json").read_text())
+    assert prov["training_code_versions"] == meta["code_versions"]
+    assert "code aaa (from step 0), bbb (from step 3)" in (tmp_path / "w" / "README.md").read_text()

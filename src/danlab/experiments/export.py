@@ -24,6 +24,14 @@ from danlab.learned import load_net, resolve_net_dir
 from danlab.training.trainer import plot_curve
 
 
+def _code_sessions(meta: dict) -> str:
+    """The training's code version, or each session's when a resumed run changed it: "A (from step 0), B (from step s)"."""
+    sessions = meta.get("code_versions") or []
+    if len(sessions) < 2:
+        return meta["code_version"]
+    return ", ".join(f"{v['code']} (from step {v['step']})" for v in sessions)
+
+
 def export(run_dir: str | Path, dest: str | Path, cycles: int = 10_000, burn_in: int = 500, batch: int = 8,
            seed: int = 0) -> dict:
     """Export never deletes or half-writes: everything is written to a temporary folder beside `dest` and
@@ -100,6 +108,7 @@ def _export_into(out: Path, dest: Path, run_dir: Path, src: Path, meta: dict, ev
     prov = {
         "weights": dest.name, "trained_with": trained, "seed": trained["seed"], "step": meta["step"],
         "training_wall_s": meta["wall_s"], "training_code_version": meta["code_version"],
+        "training_code_versions": meta.get("code_versions"),
         "training_threads": meta.get("threads"), "training_device": meta.get("device"),
         "validation": {"armse": meta["val_armse"], "ci": meta["val_ci"], **meta["val_setup"]},
         "schedule_history": meta.get("schedule_history", []),
@@ -122,7 +131,7 @@ def _export_into(out: Path, dest: Path, run_dir: Path, src: Path, meta: dict, ev
         f"{trained['observations']['kind']} observations, σ = {trained['observations']['sigma']}).\n\n"
         f"- trained: {meta['step']} steps of N_t = {t['Nt']} trajectories × N_iter = {t['N_iter']} cycles, "
         f"{meta['wall_s'] / 3600:.2f} h wall-clock on {meta.get('device', 'cpu')} ({meta.get('threads')} threads), seed {trained['seed']}, "
-        f"code {meta['code_version']}\n"
+        f"code {_code_sessions(meta)}\n"
         + ("- trained from the observations alone (loss semisupervised, eq. 15): no truth reached the loss, the resets or "
            "the choice of the kept network (the latest)\n" if t.get("loss") == "semisupervised" else "")
         + (f"- started from the weights of `{t['init_from']}` (train.init_from)\n" if t.get("init_from") else "")

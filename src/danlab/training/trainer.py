@@ -218,6 +218,9 @@ class Trainer:
         self.perm: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its permutation of the stored set)
         self.step, self.wall_s, self.best = 0, 0.0, float("inf")
         self.history: list[dict] = []  # schedule changes made on resume: [{"step": s, "set": {knob: value}}]
+        # the code this process runs, read once at its start (a commit made while it trains is not its code), and
+        # the code of each earlier session of a resumed run: [{"step": first step, "code": version}]
+        self.code_versions: list[dict] = [{"step": 0, "code": code_version()}]
         # the analysis is the learned filter's own, compiled or not
         self.filter = Learned.from_net(torch.compile(self.net) if tc.compile else self.net, tc.N, tc.perturb_obs)
         self.perturb_rng = BatchRNG(cfg.seed, "perturb", tc.Nt)  # the windows' observation perturbations (perturb_obs)
@@ -265,7 +268,7 @@ class Trainer:
                 "wall_s": self.wall_s, "best_val_armse": self.best, "threshold": self.threshold,
                 "twin_k": self.twin.k, "param_groups": self.opt.state_dict()["param_groups"],
                 "schedule_history": self.history,
-                "code_version": code_version()}
+                "code_version": self.code_versions[-1]["code"], "code_versions": self.code_versions}
         write_checkpoint(self.dir, "checkpoint", self.state_tensors(), meta)
 
     def load(self) -> None:
@@ -318,6 +321,10 @@ class Trainer:
         self.step, self.wall_s = int(meta["step"]), float(meta["wall_s"])
         self.best, self.threshold = float(meta["best_val_armse"]), float(meta["threshold"])
         self.history = list(meta.get("schedule_history", []))
+        here = self.code_versions[-1]["code"]
+        self.code_versions = list(meta.get("code_versions") or [{"step": 0, "code": meta.get("code_version", "unknown")}])
+        if self.code_versions[-1]["code"] != here:
+            self.code_versions.append({"step": self.step, "code": here})
         old = upgrade_renamed(meta["config"])["train"]
         knobs = sorted(k.removeprefix("train.") for k in SCHEDULE_KNOBS)
         default = {k: type(self.cfg.train).model_fields[k].default for k in knobs}  # knobs newer than the run
@@ -624,7 +631,8 @@ class Trainer:
 
     def provenance(self, val_armse: float, val_ci: float) -> dict:
         return {"trained_with": self.cfg.model_dump(mode="json"), "step": self.step, "wall_s": round(self.wall_s, 1),
-                "val_armse": val_armse, "val_ci": val_ci, "code_version": code_version(),
+                "val_armse": val_armse, "val_ci": val_ci, "code_version": self.code_versions[-1]["code"],
+                "code_versions": self.code_versions,
                 "schedule_history": self.history,
                 "val_setup": {"seed": self.cfg.train.val_seed, "trajectories": self.cfg.train.val_batch,
                               "cycles": self.cfg.train.val_cycles, "burn_in": self.cfg.train.val_burn_in},
