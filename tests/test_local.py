@@ -166,16 +166,3 @@ def test_taper_has_finite_derivatives_and_default_blocks_are_sites():
     for b, c in enumerate((2.0, 4.5)):
         assert torch.equal(both[b], localisation(12, c, like, block=3)[0])
 
-
-def test_local_hyperparameter_grids_equal_scalars():
-    """(A fast version of the batched test above, for the mutation selection.) A local EnKF-N with xN and radius
-    given as (B,) tensors gives each row what its scalars give."""
-    E, obs = problem()
-    rng = BatchRNG(0, "f", 3, [0, 1, 2])
-    radius, xN = [3.0, 6.0, 30.0], [0.5, 1.0, 2.0]
-    filt = LETKF(N=8, prior="N", block=2).model_copy(update={"radius": torch.tensor(radius), "xN": torch.tensor(xN)})
-    batched = filt.analysis(E, obs, rng)
-    for b in range(3):
-        one = LETKF(N=8, prior="N", block=2, radius=radius[b], xN=xN[b]).analysis(E[b:b + 1], obs.select([b]), rng)
-        assert torch.allclose(batched[b], one[0], atol=1e-12)
-    assert not torch.allclose(batched[0], batched[2])
