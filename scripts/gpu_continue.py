@@ -1,9 +1,10 @@
-"""Continue a training run on a GPU for a fixed wall-clock budget, at the batch size that trains fastest.
+"""Continue a training run (or start one) on a GPU for a fixed wall-clock budget, at the batch size that trains fastest.
 
 A GPU lease is short (minutes) and its step time is not known in advance, so this script measures it
 before it commits to a schedule:
 
-1. copies RUN (a run folder: checkpoint, config, metrics) to OUT/run;
+1. copies RUN (a run folder: checkpoint, config, metrics) to OUT/run; or, RUN being a training config file
+   (YAML), starts a fresh run there with that config and the --set knobs;
 2. times a few training steps at each candidate batch size N_t, and one validation, on the device;
 3. picks the N_t that maximises the number of *effective* steps in the budget,
    steps(N_t) × N_t / (N_t + B_noise), where B_noise is the gradient-noise scale measured by
@@ -13,9 +14,14 @@ before it commits to a schedule:
    schedule; the batch grows with fresh trajectories, see Trainer.load): the body learning rate
    jumps to --peak-lr and decays by the cosine's tail to lr_min at the last step, which is placed so
    that the run, its validations included, ends within the budget;
+   A fresh run keeps its config's schedule (warm-up, lr, cosine to lr_min), with max_steps placed the same way;
+   its step time is timed on the N_iter-cycle windows (distillation steps, if any, are cheaper);
 5. saves the final (averaged) network to OUT/final beside the run's best.
 
+The run stops at the budget in any case (Trainer.run's max_wall_s), checkpointed, even if the timing was off.
+
     python scripts/gpu_continue.py RUN OUT [--budget-s 450] [--peak-lr 1e-4] [--nt 1024,2048,4096,8192]
+    python scripts/gpu_continue.py CONFIG.yaml OUT [--budget-s 450] [--nt 32,64] [--set train.distill_steps=300 ...]
 
 Everything it decides is printed as one JSON line at the end (and recorded by the run's own schedule
 history), so the continuation is reproduced by `danlab train --resume OUT/run --set ...` with those knobs.
@@ -53,14 +59,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(run: Path, sets: list[str], warm: int, timed: int) -> tuple[float, float, float]:
+def time_steps(run: Path, sets: list[str], warm: int, timed: int, fresh: Path | None = None) -> tuple[float, float, float]:
     """Seconds per training step and per validation, and the validation aRMSE, at these settings (on a throwaway
-    copy of the run, whose checkpoint is also written once: the whole path runs on the device before the real run)."""
+    copy of the run, or a fresh run of config `fresh` timed on its windows, whose checkpoint is also written once:
+    the whole path runs on the device before the real run)."""
     with tempfile.TemporaryDirectory() as tmp:
-        run_files(run, Path(tmp))
-        cfg = load_config(TrainRunConfig, Path(tmp) / "config.yaml", sets, stored=True)
-        tr = Trainer(cfg, tmp)
-        tr.load()
+        if fresh is None:
+            run_files(run, Path(tmp))
+            cfg = load_config(TrainRunConfig, Path(tmp) / "config.yaml", sets, stored=True)
+            tr = Trainer(cfg, tmp)
+            tr.load()
+        else:
+            cfg = load_config(TrainRunConfig, fresh, sets + ["train.distill_steps=0", "train.teacher_weight=0"])
+            tr = Trainer(cfg, tmp)
         for _ in range(warm):
             tr.train_step()
         sync(cfg.train.device)
@@ -91,16 +102,26 @@ def main(argv=None) -> int:
     p.add_argument("--vals", type=int, default=8, help="validations during the continuation")
     p.add_argument("--warm", type=int, default=5)
     p.add_argument("--timed", type=int, default=10)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a fresh run's config overrides (RUN a config file)")
     a = p.parse_args(argv)
     t_start = time.perf_counter()
     run = a.out / "run"
-    run_files(a.run, run)
+    fresh = a.run if a.run.is_file() else None
+    if fresh is None:
+        if a.sets:
+            raise SystemExit("gpu_continue: --set configures a fresh run (RUN a config file); a continuation keeps its run's config")
+        run_files(a.run, run)
     base = [f"train.device={a.device}", f"train.threads={a.threads}", "train.bf16=false", "train.compile=false"]
-    cfg0 = load_config(TrainRunConfig, run / "config.yaml", base, stored=True)
+    if fresh is None:
+        cfg0 = load_config(TrainRunConfig, run / "config.yaml", base, stored=True)
+    else:
+        base = a.sets + base
+        cfg0 = load_config(TrainRunConfig, fresh, base)
     timing = {}
     for nt in [int(s) for s in a.nt.split(",")]:
         try:
-            t_step, t_val, va = time_steps(run, base + [f"train.Nt={nt}"], a.warm, a.timed)
+            t_step, t_val, va = time_steps(run, base + [f"train.Nt={nt}"], a.warm, a.timed, fresh=fresh)
         except torch.OutOfMemoryError:
             print(json.dumps({"Nt": nt, "skipped": "out of device memory"}), flush=True)
             continue
@@ -111,7 +132,10 @@ def main(argv=None) -> int:
                       "val_armse": va}
         print(json.dumps({"Nt": nt, "s_per_step": round(t_step, 4), "s_per_validation": round(t_val, 2),
                           "val_armse_at_start": round(va, 4)}), flush=True)
-    start = json.loads((run / "checkpoint.json").read_text())["step"]
+    start, wall0 = 0, 0.0
+    if fresh is None:
+        meta = json.loads((run / "checkpoint.json").read_text())
+        start, wall0 = meta["step"], meta["wall_s"]
 
     def plan(nt: int) -> tuple[int, int, float]:
         """(steps, val_every, effective steps) for batch nt within the budget."""
@@ -130,17 +154,21 @@ def main(argv=None) -> int:
     if n < 100:
         raise SystemExit(f"gpu_continue: only {n} steps fit in the budget; give more --budget-s")
     steps = start + n
-    # lr_at's cosine runs from the warm-up to `steps`; choose its lr so that the body gets peak-lr at `start`
-    probe = cfg0.train.model_copy(update={"max_steps": steps, "lr": 1.0, "lr_min": 0.0})
-    frac = lr_at(start, probe)
-    lr = cfg0.train.lr_min + (a.peak_lr - cfg0.train.lr_min) / frac
+    if fresh is None:
+        # lr_at's cosine runs from the warm-up to `steps`; choose its lr so that the body gets peak-lr at `start`
+        probe = cfg0.train.model_copy(update={"max_steps": steps, "lr": 1.0, "lr_min": 0.0})
+        frac = lr_at(start, probe)
+        lr = cfg0.train.lr_min + (a.peak_lr - cfg0.train.lr_min) / frac
+    else:
+        lr = cfg0.train.lr
     sets = base + [f"train.Nt={nt}", f"train.max_steps={steps}", f"train.lr={lr:.6g}", f"train.val_every={val_every}",
                    "train.checkpoint_every_s=60"]
     print(json.dumps({"chosen_Nt": nt, "steps": steps, "lr": float(f"{lr:.6g}"), "val_every": val_every,
                       "budget_s": a.budget_s}), flush=True)
-    cfg = load_config(TrainRunConfig, run / "config.yaml", sets, stored=True)
+    cfg = load_config(TrainRunConfig, fresh or run / "config.yaml", sets, stored=fresh is None)
     t0 = time.perf_counter()
-    result = train(cfg, run, resume=True, progress=False)
+    # whatever the timing said, the training stops within its budget (checkpointed, validated there)
+    result = train(cfg, run, resume=fresh is None, progress=False, max_wall_s=wall0 + a.budget_s)
     wall = time.perf_counter() - t0
     tr = Trainer(cfg, run)
     tr.load()

@@ -540,15 +540,21 @@ def test_learned_filter_needs_a_checkpoint():
         Learned().prepare(None, None, torch.float32, "cpu")
 
 
-def test_gpu_continue_plans_a_warm_restart_within_its_budget(tmp_path):
+def gpu_continue_module():
     spec = importlib.util.spec_from_file_location("gpu_continue", Path(__file__).parents[1] / "scripts" / "gpu_continue.py")
     gc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gc)
+    return gc
+
+
+def test_gpu_continue_plans_a_warm_restart_within_its_budget(tmp_path):
+    gc = gpu_continue_module()
     train(tiny(), tmp_path / "src", progress=False)  # 8 steps at N_t = 16
-    # the plan is tested, not this machine's speed: fixed step and validation times (a loaded machine is slower)
-    gc.time_steps = lambda run, overrides, warm, timed: (0.03, 0.2, 0.45)
+    # the plan is tested, not this machine's speed: fixed step and validation times, slower than the real ones so
+    # that the run ends at its planned step before its budget's clock stops it (a loaded machine is slower)
+    gc.time_steps = lambda run, overrides, warm, timed, fresh=None: (1.0, 1.0, 0.45)
     out = tmp_path / "out"
-    gc.main([str(tmp_path / "src"), str(out), "--device", "cpu", "--threads", str(torch.get_num_threads()), "--budget-s", "5", "--nt", "24,32",
+    gc.main([str(tmp_path / "src"), str(out), "--device", "cpu", "--threads", str(torch.get_num_threads()), "--budget-s", "130", "--nt", "24,32",
              "--warm", "1", "--timed", "2", "--vals", "2", "--peak-lr", "2e-3"])
     meta = json.loads((out / "run" / "checkpoint.json").read_text())
     cfg = TrainRunConfig.model_validate(meta["config"])
@@ -592,3 +598,24 @@ def test_code_version_is_read_once_per_session_and_kept_across_resumes(tmp_path,
     prov = json.loads((tmp_path / "w" / "provenance.json").read_text())
     assert prov["training_code_versions"] == meta["code_versions"]
     assert "code aaa (from step 0), bbb (from step 3)" in (tmp_path / "w" / "README.md").read_text()
+
+
+def test_gpu_continue_starts_a_fresh_run_from_a_config_and_stops_at_its_budget(tmp_path):
+    """A config file starts a fresh run with its own schedule (max_steps placed by the plan); a step time that the
+    timing underestimated cannot make the run outlast its budget: it stops there, checkpointed and validated."""
+    from danlab.config import to_yaml
+    gc = gpu_continue_module()
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(to_yaml(tiny()))
+    gc.time_steps = lambda run, overrides, warm, timed, fresh=None: (1e-5, 1e-3, 0.45)  # far too optimistic
+    out = tmp_path / "out"
+    gc.main([str(cfg_file), str(out), "--device", "cpu", "--threads", str(torch.get_num_threads()), "--budget-s", "3",
+             "--nt", "16", "--vals", "1", "--set", "train.val_cycles=20", "--set", "train.val_burn_in=5"])
+    meta = json.loads((out / "run" / "checkpoint.json").read_text())
+    cfg = TrainRunConfig.model_validate(meta["config"])
+    assert meta["schedule_history"] == [] and cfg.train.val_cycles == 20 and cfg.train.lr == tiny().train.lr
+    assert cfg.train.max_steps > 10_000 and 0 < meta["step"] < cfg.train.max_steps  # planned far, stopped by the clock
+    assert meta["wall_s"] < 3 + 2  # the budget, and the one step and validation that may cross it
+    assert load_net(out / "final")[1]["step"] == meta["step"]
+    with pytest.raises(SystemExit, match="fresh run"):
+        gc.main([str(out / "run"), str(tmp_path / "o2"), "--device", "cpu", "--set", "train.lr=1e-3"])
