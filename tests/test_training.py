@@ -11,7 +11,7 @@ from danlab.checkpoint import CheckpointError
 from danlab.learned import Learned, load_net, save_net
 from danlab.nets import NetConfig, build_net
 from danlab.training.train_config import TrainRunConfig
-from danlab.training.trainer import Trainer, lr_at, train, validate
+from danlab.training.trainer import Trainer, lr_at, train, validate, validation_twin
 
 TINY = {"net": {"Nf": 8, "Nbl": 1, "Nl": 2}, "train": {"Nt": 16, "N_iter": 3, "max_steps": 8, "warmup": 2, "lr": 3e-3,
         "val_every": 4, "val_cycles": 40, "val_burn_in": 10, "val_batch": 2, "log_every": 1}}
@@ -572,7 +572,7 @@ def test_semisupervised_keeps_the_latest_network_not_the_truths_choice(tmp_path,
     truth is monitoring, never a selection that the truth makes (a supervised run keeps the best one)."""
     import danlab.training.trainer as trainer_module
     scores = iter([0.30, 0.40, 0.50, 0.60, 0.70, 0.80])  # validation gets worse: a truth-based choice keeps the first
-    monkeypatch.setattr(trainer_module, "validate", lambda cfg, net, cycles=None: (next(scores), 0.01))
+    monkeypatch.setattr(trainer_module, "validate", lambda cfg, net, cycles=None, **kw: (next(scores), 0.01))
     for loss, kept_step in (("semisupervised", 8), ("supervised", 4)):
         d = tmp_path / loss
         train(tiny(loss=loss, ema=0.0), d, progress=False)  # validated at steps 4 and 8
@@ -619,3 +619,18 @@ def test_gpu_continue_starts_a_fresh_run_from_a_config_and_stops_at_its_budget(t
     assert load_net(out / "final")[1]["step"] == meta["step"]
     with pytest.raises(SystemExit, match="fresh run"):
         gc.main([str(out / "run"), str(tmp_path / "o2"), "--device", "cpu", "--set", "train.lr=1e-3"])
+
+
+def test_validation_from_a_stored_spun_up_start_equals_a_fresh_validation():
+    """The trainer spins the held-out truth up once per session and resumes it at each validation: the scores are
+    those of a validation that spins it up again, exactly, and the stored start is not consumed by a validation."""
+    cfg = tiny(val_cycles=60, val_burn_in=10)
+    net = Trainer(cfg, "unused").net
+    start = validation_twin(cfg).state_dict()
+    fresh = validate(cfg, net)
+    assert validate(cfg, net, start=start) == fresh
+    assert validate(cfg, net, start=start) == fresh  # the same start serves every validation
+    assert validate(cfg, net, start=start, with_spread=True)[:2] == fresh
+    twin = validation_twin(cfg)
+    twin.step()
+    assert validate(cfg, net, start=twin.state_dict()) != fresh  # the start is used: one cycle later, other scores

@@ -32,10 +32,15 @@ class TwinStream:
     """
 
     def __init__(self, model, observer: Observer, B: int, seed: int, ids: list[int] | None = None,
-                 dtype=torch.float64, device="cpu", spinup_time: float = 50.0):
+                 dtype=torch.float64, device="cpu", spinup_time: float = 50.0, start: dict | None = None):
+        """start: a state_dict() of this same stream taken earlier (e.g. right after its spin-up), resumed instead
+        of drawing and spinning up the truth again."""
         self.model, self.observer, self.B = model, observer, B
         self.truth_rng = BatchRNG(seed, "truth", B, ids)
         self.obs_rng = BatchRNG(seed, "obs", B, ids)
+        if start is not None:
+            self.load_state_dict(start)
+            return
         x0 = self.truth_rng.randn(model.Nx, dtype=dtype, device=device)
         self.x = model.spinup(model.initial(x0), spinup_time)
         check_stable(model, self.x)

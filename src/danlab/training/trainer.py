@@ -171,13 +171,23 @@ def plot_curve(metrics, path: Path, title: str) -> None:
     tmp.replace(path)
 
 
-def validate(cfg: TrainRunConfig, net, cycles: int | None = None, with_spread: bool = False) -> tuple:
-    """aRMSE ± CI of the network as a filter on the held-out validation trajectories (and, with_spread, the
-    mean analysis spread third)."""
+def validation_twin(cfg: TrainRunConfig, model=None, start: dict | None = None) -> TwinStream:
+    """The held-out validation trajectories at their first cycle (spun up, or resumed from `start`, the
+    state_dict of one spun up earlier: the spin-up is most of a short validation's cost on QG, 100 days)."""
     tc = cfg.train
-    model, observer = cfg.model.build(), cfg.observations.build(cfg.model.Nx)
+    model = cfg.model.build() if model is None else model
+    return TwinStream(model, cfg.observations.build(cfg.model.Nx), tc.val_batch, tc.val_seed, ids=list(range(tc.val_batch)),
+                      dtype=torch.float32, device=tc.device, start=start)
+
+
+def validate(cfg: TrainRunConfig, net, cycles: int | None = None, with_spread: bool = False,
+             start: dict | None = None) -> tuple:
+    """aRMSE ± CI of the network as a filter on the held-out validation trajectories (and, with_spread, the
+    mean analysis spread third); start: see validation_twin."""
+    tc = cfg.train
+    model = cfg.model.build()
+    twin = validation_twin(cfg, model, start)
     ids = list(range(tc.val_batch))
-    twin = TwinStream(model, observer, tc.val_batch, tc.val_seed, ids=ids, dtype=torch.float32, device=tc.device)
     was_training = net.training
     net.eval()
     res = run_cycles(Learned.from_net(net, tc.N, tc.perturb_obs), model, twin, cycles or tc.val_cycles, tc.val_burn_in,
@@ -575,7 +585,7 @@ class Trainer:
         t_start, last_ckpt = time.perf_counter(), time.perf_counter()
         last_val = t_start
         wall0 = self.wall_s
-        loss_ema = rmse_ema = None
+        loss_ema = rmse_ema = val_start = None
         resets = skipped = 0
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not progress, desc="train", mininterval=2.0)
         with _StopOnSignal() as stop:  # Ctrl-C or a SIGTERM (a scheduler's preemption): checkpoint after this step, then stop
@@ -597,13 +607,15 @@ class Trainer:
                 if (self.step % tc.val_every == 0 or self.step == tc.max_steps or out_of_time
                         or (tc.val_every_s is not None and time.perf_counter() - last_val >= tc.val_every_s)):
                     last_val = time.perf_counter()
-                    v = validate(self.cfg, self.kept, with_spread=True) if tc.N > 1 else validate(self.cfg, self.kept)
+                    if val_start is None:  # the held-out truth spun up once per session, not at every validation
+                        val_start = validation_twin(self.cfg).state_dict()
+                    v = validate(self.cfg, self.kept, with_spread=tc.N > 1, start=val_start)
                     va, ci = v[:2]
                     row = (row or {"step": self.step, "wall_s": f"{self.wall_s:.1f}"}) | {"val_armse": f"{va:.4f}", "val_ci": f"{ci:.4f}"}
                     if tc.N > 1:
                         row["val_spread"] = f"{v[2]:.4f}"
                     if self.avg is not None:
-                        row["val_raw_armse"] = f"{validate(self.cfg, self.net)[0]:.4f}"
+                        row["val_raw_armse"] = f"{validate(self.cfg, self.net, start=val_start)[0]:.4f}"
                     # the kept network is the best validated one; trained from observations only, the latest (its
                     # validation against the truth is monitoring only, never a choice that the truth makes)
                     if va < self.best or tc.loss == "semisupervised":
