@@ -634,3 +634,31 @@ def test_validation_from_a_stored_spun_up_start_equals_a_fresh_validation():
     twin = validation_twin(cfg)
     twin.step()
     assert validate(cfg, net, start=twin.state_dict()) != fresh  # the start is used: one cycle later, other scores
+
+
+def test_trajectory_normalised_loss_weighs_each_trajectory_by_the_inverse_of_its_error():
+    """loss_norm: trajectory keeps the loss value (the mean squared error) and gives the gradient
+    mean(L) × mean_b ∇L_b / L_b, i.e. the gradient of mean(L) × mean_b log L_b: a trajectory with 10 times the
+    error of another weighs the same, not 10 times more."""
+    a, b = Trainer(tiny(Nt=6, loss_norm="trajectory"), "unused"), Trainer(tiny(Nt=6), "unused")
+    for t in (a, b):  # one trajectory far from its truth: errors of very unequal sizes, the case that matters
+        t.E = t.E.clone()
+        t.E[0] += 3.0
+    per_traj = []
+    cycle_loss = b.cycle_loss
+    b.cycle_loss = lambda E, t: per_traj.append(cycle_loss(E, t)) or per_traj[-1]
+    la, _, _ = a.window_loss()
+    lb, _, _ = b.window_loss()
+    L = torch.stack(per_traj).mean(0)  # each trajectory's window loss, (Nt,)
+    assert L.shape == (6,) and float(L.detach().max() / L.detach().min()) > 5
+    assert float(la) == pytest.approx(float(lb), rel=1e-6) and float(lb) == pytest.approx(float(L.detach().mean()), rel=1e-6)
+    params = list(b.net.parameters())
+    plain = torch.cat([g.flatten() for g in torch.autograd.grad(L.mean(), params, retain_graph=True)])  # unweighted
+    la.backward()
+    (L.detach().mean() * L.log().mean()).backward()
+    for (name, pa), pb in zip(a.net.named_parameters(), b.net.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-9, msg=name)
+    weighted = torch.cat([p.grad.flatten() for p in params])
+    assert float(torch.nn.functional.cosine_similarity(plain, weighted, dim=0)) < 0.99  # another direction
+    with pytest.raises(ValueError, match="loss_norm"):
+        tiny(loss_norm="trajectory", loss="semisupervised")

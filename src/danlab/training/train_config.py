@@ -30,6 +30,12 @@ class TrainConfig(Strict):
         "N > 1 it rewards a collapsed ensemble); semisupervised: the next observations' misfit of the forecast, no truth "
         "(eq. 15); energy / crps: a proper score of the ensemble against the truth (the fair energy score, or the fair "
         "CRPS per site), which rewards a spread that matches the error; N >= 2")
+    loss_norm: Literal["none", "trajectory"] = Field(
+        "none", description="trajectory (loss supervised): each trajectory's window error is weighted by the inverse of "
+        "its own (not differentiated), rescaled by their mean, so that every trajectory weighs the same in the gradient "
+        "whatever its error level (e.g. sparse and dense observation networks in one batch, observations.count_by: "
+        "experiment, where the sparse ones' large errors would otherwise set the gradient); the loss value stays the mean "
+        "squared error")
     perturb_obs: float = Field(0.0, ge=0, description="N > 1: each member's own innovation is taken against "
                                "observations perturbed by perturb_obs × N(0, R), centred over the members (the stochastic "
                                "EnKF's source of spread; a deterministic a_θ otherwise has none, and its ensemble collapses "
@@ -78,6 +84,8 @@ class TrainConfig(Strict):
             raise ValueError(f"lr_min must be <= lr (got {self.lr_min} > {self.lr})")
         if (self.teacher_weight > 0 or self.distill_steps > 0) and self.loss != "supervised":
             raise ValueError(f"teacher_weight > 0 and distill_steps > 0 need loss: supervised (got loss: {self.loss})")
+        if self.loss_norm != "none" and self.loss != "supervised":
+            raise ValueError(f"loss_norm: {self.loss_norm} weighs the supervised loss: set loss: supervised (got {self.loss})")
         if self.loss in ("energy", "crps") and self.N < 2:
             raise ValueError(f"loss: {self.loss} scores an ensemble: set N >= 2 (got N {self.N})")
         if self.perturb_obs > 0 and (self.N < 2 or self.distill_steps > 0):

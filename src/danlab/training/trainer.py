@@ -461,17 +461,21 @@ class Trainer:
             target = self.teacher_target(x, obs, tc.teacher_weight)[0] if self.teacher_in_use() else x
             loss = loss + self.cycle_loss(E, target)
         self.last_obs = obs
-        return loss / tc.N_iter, E, x
+        loss = loss / tc.N_iter  # per trajectory
+        if tc.loss_norm == "trajectory":  # each trajectory weighs the same in the gradient; the value stays the mean
+            w = loss.detach().clamp_min(torch.finfo(loss.dtype).tiny)
+            return (loss / w).mean() * w.mean(), E, x
+        return loss.mean(), E, x
 
     def cycle_loss(self, E: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """One cycle's term of the supervised losses: the members' mean squared error (loss supervised), or a proper
-        score of the ensemble (energy, crps), averaged over the trajectories."""
+        """One cycle's term of the supervised losses, per trajectory (B,): the members' mean squared error (loss
+        supervised), or a proper score of the ensemble (energy, crps)."""
         loss = self.cfg.train.loss
         if loss == "energy":
-            return energy_score(E, target).mean()
+            return energy_score(E, target)
         if loss == "crps":
-            return crps(E, target).mean()
-        return (E - target.unsqueeze(1)).pow(2).mean()
+            return crps(E, target)
+        return (E - target.unsqueeze(1)).pow(2).flatten(1).mean(1)
 
     def semisupervised_window_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Observations only (eq. 15 of the reference work): the analysis of cycle k is judged by how well its
