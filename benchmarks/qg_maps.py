@@ -1,11 +1,13 @@
 """Truth, observations, forecast and analysis on the sphere for one cycle of a filter on the QG twin (issue 18).
 
-Runs the filter of a run config (default configs/qg/enkf_n.yaml) for `--cycles` cycles on its twin (the same
-seeds, truth and observations as `danlab run`) and draws, at the last cycle, four maps: the truth ψ, the
+Runs the filter of a run config (default configs/qg/enkf_n.yaml), or the learned a_θ of a weights folder
+(`--weights`, on the twin it was trained on), for `--cycles` cycles on its twin (the same seeds, truth and
+observations as `danlab run` and `danlab eval`) and draws, at the last cycle, four maps: the truth ψ, the
 observations (the observed grid points coloured by their value), the analysis mean and its error, with the RMSE
 of the forecast and the analysis in the titles. Writes docs/results/qg_maps.png.
 
     nice -n 15 .venv/bin/python benchmarks/qg_maps.py [--config configs/qg/enkf_n.yaml] [--cycles 60] [--set k=v]
+    nice -n 15 .venv/bin/python benchmarks/qg_maps.py --weights weights/qg_ne1 --out docs/results/qg_maps_dan.png
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch  # noqa: E402
 
 from danlab.config import load_config  # noqa: E402
 from danlab.cycle import initial_ensemble  # noqa: E402
-from danlab.experiments.run_config import RunConfig  # noqa: E402
+from danlab.experiments.run_config import RunConfig, learned_eval_data  # noqa: E402
+from danlab.learned import load_net, resolve_net_dir  # noqa: E402
 from danlab.metrics import rmse  # noqa: E402
 from danlab.rng import BatchRNG  # noqa: E402
 from danlab.twin import TwinStream  # noqa: E402
@@ -35,11 +38,17 @@ def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "qg" / "enkf_n.yaml"))
     p.add_argument("--cycles", type=int, default=60)
+    p.add_argument("--weights", type=Path, help="a trained network (folder) to run instead of --config's filter")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "qg_maps.png")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = load_config(RunConfig, a.config, a.set + ["batch=1"])
+    if a.weights is None:
+        cfg = load_config(RunConfig, a.config, a.set + ["batch=1"])
+    else:
+        trained = load_net(a.weights)[1].get("trained_with", {})
+        cfg = load_config(RunConfig, data=learned_eval_data(trained, str(resolve_net_dir(a.weights)), cycles=a.cycles,
+                                                            burn_in=0, batch=1), overrides=a.set)
     model = cfg.model.build()
     observer = cfg.observations.build(model.Nx)
     filt = cfg.filter.prepare(model, observer, cfg.torch_dtype, cfg.device)
