@@ -2,6 +2,7 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 from danlab.config import load_config
 from danlab.experiments import reproduce as rp
@@ -197,3 +198,43 @@ def test_window_comparison_rows_and_files(tmp_path):
     md = (tmp_path / "out" / "window.md").read_text()
     assert f"| 0.2 | IEnKS, N 20 | 2 | {ienks.armse:.3f} ± {ienks.armse_ci:.3f} | {ienks.armse_s:.3f} | — |" in md
     assert "nan" not in md
+
+
+def test_nonlinearity_rows_are_the_same_codes_runs(tmp_path):
+    """At each Δt the retrained network's row equals its evaluation at that Δt, the Δt-0.05 network is run unchanged
+    at the larger Δt, a missing network says so, and each classical row is tuned on seed 1 then scored on seed 0."""
+    nets = {}
+    for s in (1, 2):
+        trained = TrainRunConfig().model_dump(mode="json")
+        trained["model"]["substeps"] = s
+        nets[s] = tmp_path / f"w{s}"
+        net = build_net(NetConfig(Nf=4, Nbl=1, Nl=1))
+        with torch.no_grad():  # two different networks
+            for p in net.parameters():
+                p.mul_(1 + 0.3 * s)
+        save_net(nets[s], net, {"trained_with": trained})
+    weights = lambda s: str(nets.get(s, tmp_path / "absent"))
+    df = rp.reproduce_nonlinearity(tmp_path / "out", True, threads=1, progress=False, budget=TINY, steps=(1, 2, 4),
+                                   weights=weights)
+    by = df.set_index(["dt", "method"])
+    assert len(df) == 3 * 3 + 1 + 2 * 2
+    budget = [f"cycles={TINY.cycles}", f"burn_in={TINY.burn_in}", f"batch={TINY.batch}", "seed=0", "threads=1"]
+    for s, w in ((2, nets[2]), (2, nets[1])):
+        data = learned_eval_data(load_config(TrainRunConfig, data={}).model_dump(mode="json") | {
+            "model": {"name": "lorenz96", "Nx": 40, "F": 8.0, "dt": 0.05, "substeps": s}}, w, cycles=TINY.cycles,
+            burn_in=TINY.burn_in, batch=TINY.batch) | {"threads": 1}
+        name = "a_θ retrained at Δt" if w == nets[2] else "a_θ trained at Δt 0.05"
+        assert by.loc[(0.1, name), "armse"] == run_experiment(load_config(RunConfig, data=data), None)["armse"]
+    assert by.loc[(0.1, "a_θ retrained at Δt"), "armse"] != by.loc[(0.1, "a_θ trained at Δt 0.05"), "armse"]
+    assert math.isnan(by.loc[(0.2, "a_θ retrained at Δt"), "armse"]) and "no weights" in by.loc[(0.2, "a_θ retrained at Δt"), "note"]
+    over = ["threads=1", "model.substeps=4", "filter.N=20", "filter.prior=N", "filter.infl=1.0"]
+    best, _ = rp.tune_on_seed(rp.CONFIGS / "ienkf.yaml", over, [rp.XN_GRID], cycles=TINY.tune_cycles,
+                              burn_in=TINY.tune_cycles // 3, batch=TINY.tune_batch, seed=1)
+    ienkf = run_experiment(load_config(RunConfig, rp.CONFIGS / "ienkf.yaml", over + [f"filter.xN={best['filter.xN']}"]
+                                       + budget[:-1]), None)
+    assert by.loc[(0.2, "IEnKF, N 20, -N prior"), "armse"] == ienkf["armse"]
+    assert by.loc[(0.2, "IEnKF, N 20, -N prior"), "tuned"] == f"xN={best['filter.xN']}"
+    md = (tmp_path / "out" / "nonlinearity.md").read_text()
+    r = by.loc[(0.2, "IEnKF, N 20, -N prior")]
+    assert f"{r.armse:.3f} ± {r.armse_ci:.3f} (xN={best['filter.xN']})" in md and "nan" not in md
+    assert (tmp_path / "out" / "nonlinearity.png").is_file()

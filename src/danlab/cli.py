@@ -149,6 +149,9 @@ def cmd_reproduce(a) -> int:
     elif a.what == "sparsity":
         rp.reproduce_sparsity(out, a.quick, weights=a.weights or "l96_nf40_sparse", threads=a.threads)
         print((out / "sparsity.md").read_text())
+    elif a.what == "nonlinearity":
+        rp.reproduce_nonlinearity(out, a.quick, threads=a.threads)
+        print((out / "nonlinearity.md").read_text())
     elif a.what == "window":
         rp.reproduce_window(out, a.quick, weights=a.weights or "l96_nf40_ne1", threads=a.threads)
         print((out / "window.md").read_text())
@@ -266,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_export)
 
-    sp = sub.add_parser("reproduce", help="reproduce the reference results (table, transfer, window, sparsity)")
-    sp.add_argument("what", choices=["table", "transfer", "window", "sparsity"])
+    sp = sub.add_parser("reproduce", help="reproduce the reference results (table, transfer, window, sparsity, "
+                        "nonlinearity)")
+    sp.add_argument("what", choices=["table", "transfer", "window", "sparsity", "nonlinearity"])
     sp.add_argument("--quick", action="store_true", help="fewer cycles (table: < 10 min on 2 cores)")
     sp.add_argument("--model", choices=["l96", "ks", "qg"], default="l96",
                     help="table, transfer: the twin (l96: Lorenz 96, the reference paper's; ks: Kuramoto–Sivashinsky "

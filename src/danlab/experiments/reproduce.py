@@ -1,4 +1,4 @@
-"""`danlab reproduce table|transfer|window`: the reference results, computed by the same code as any run.
+"""`danlab reproduce table|transfer|window|sparsity|nonlinearity`: the reference results, computed by the same code as any run.
 
 table (--model l96, the default): on the standard Lorenz 96 twin, EnKF-N (N = 20, 40), best-tuned 3D-Var and the
 shipped learned analyses (Ne = 1, and an Ne = 10 ensemble trained with the energy score), beside the reference
@@ -9,6 +9,7 @@ EnKF-N and ETKF N 40, LETKF and local EnKF-N N 20, a_θ on the sphere). Every tu
 transfer: the Nx = 40 weights evaluated at Nx in {20, 40, 80, 160} against EnKF-N with N = Nx, with the cost per
 cycle; --model ks: the KS weights at domain lengths × 0.5, 1, 2 at the trained resolution against the LETKF.
 sparsity: one network trained on random observation networks at 25-100 % observed against the EnKF-N.
+nonlinearity: a_θ retrained at each time between observations Δt (0.05 to 0.5) against the tuned EnKF-N, IEnKF and 3D-Var.
 """
 
 from __future__ import annotations
@@ -456,6 +457,104 @@ def _window_figure(df: pd.DataFrame, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title(f"Lorenz 96, Δt = {dt}", fontsize=10)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- nonlinearity: aRMSE against the time between observations ----------------------------------------------
+
+NONLINEARITY_STEPS = (1, 2, 4, 6, 10)  # RK4 steps of 0.05 between observations: Δt 0.05, 0.1, 0.2, 0.3, 0.5
+NONLINEARITY_VAR3D_GRID = "scale=0.01,0.02,0.03,0.05,0.07,0.1,0.15,0.2,0.3,0.5,0.7,1.0"
+
+
+def nonlinearity_weights(substeps: int) -> str:
+    """The shipped a_θ trained at Δt = substeps × 0.05 (the reference network at 0.05)."""
+    return "l96_nf40_ne1" if substeps == 1 else f"l96_nf40_dt{substeps * 0.05:.2g}"
+
+
+def reproduce_nonlinearity(out: Path, quick: bool, threads: int | None = None, progress: bool = True,
+                           budget: Budget | None = None, steps: tuple[int, ...] = NONLINEARITY_STEPS,
+                           weights: Callable[[int], str] = nonlinearity_weights) -> pd.DataFrame:
+    """At each Δt: the a_θ retrained at that Δt (`weights(substeps)` under weights/) and the reference a_θ (trained at
+    Δt 0.05, not retrained), beside the EnKF-N and the IEnKF (N 20, -N prior, xN tuned) and 3D-Var (B scale tuned),
+    every tuned value chosen on seed 1 and scored on seed 0."""
+    b = budget or (QUICK if quick else FULL)
+    th = [f"threads={threads}"] if threads else []
+    classical = (("EnKF-N, N 20", "enkf_n.yaml", ["filter.N=20"], XN_GRID),
+                 ("IEnKF, N 20, -N prior", "ienkf.yaml", ["filter.N=20", "filter.prior=N", "filter.infl=1.0"], XN_GRID),
+                 ("3D-Var", "var3d.yaml", [], NONLINEARITY_VAR3D_GRID))
+    rows = []
+    for s in steps:
+        dt = round(s * 0.05, 2)
+
+        def add(method, res, tuned="", note=""):
+            rows.append({"dt": dt, "method": method, "armse": res["armse"], "armse_ci": res["armse_ci"],
+                         "diverged": res.get("n_diverged", 0), "experiments": res.get("experiments", 0),
+                         "tuned": tuned, "note": note})
+            if progress:
+                print(f"  Δt {dt} {method}: {_cell(rows[-1])} {tuned}", flush=True)
+
+        for name, file, over, grid in classical:
+            over = th + [f"model.substeps={s}"] + over
+            best, _ = tune_on_seed(CONFIGS / file, over, [grid], cycles=b.tune_cycles,
+                                   burn_in=min(300, b.tune_cycles // 3), batch=b.tune_batch, seed=1)
+            tuned = [f"{k}={v}" for k, v in best.items()]
+            res = run_experiment(load_config(RunConfig, CONFIGS / file, over + tuned + _budget_overrides(b, 0)), None)
+            add(name, res, ", ".join(t.split(".", 1)[1] for t in tuned))
+        for name, w in (("a_θ retrained at Δt", weights(s)), ("a_θ trained at Δt 0.05", weights(1))):
+            if name == "a_θ trained at Δt 0.05" and s == 1:
+                continue  # the same network as the row above
+            path = WEIGHTS / w if not Path(w).exists() else Path(w)
+            if not (path / "model.json").is_file():
+                add(name, {"armse": float("nan"), "armse_ci": float("nan")}, note=f"no weights in {path} yet")
+                continue
+            cfg = _learned_config(path, b, seed=0)
+            trained = cfg.model.substeps
+            data = cfg.model_dump(mode="json")
+            data["model"]["substeps"] = s
+            res = run_experiment(load_config(RunConfig, data=data | ({"threads": threads} if threads else {})), None)
+            add(name, res, note=f"{path} (trained at Δt {round(trained * 0.05, 2)})")
+    df = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "nonlinearity.csv", df.to_csv(index=False))
+    atomic_write_text(out / "nonlinearity.md", _nonlinearity_markdown(df, b))
+    write_json(out / "summary.json", {"budget": b.__dict__, "quick": quick, "steps": list(steps), "rows": rows})
+    _nonlinearity_figure(df, out / "nonlinearity.png")
+    return df
+
+
+def _nonlinearity_markdown(df: pd.DataFrame, b: Budget) -> str:
+    methods = list(dict.fromkeys(df["method"]))
+    lines = ["| Δt | " + " | ".join(methods) + " | a_θ retrained / IEnKF |", "|---" * (len(methods) + 2) + "|"]
+    for dt, g in df.groupby("dt", sort=False):
+        by = {r["method"]: r for r in g.to_dict("records")}
+        cells = []
+        for m in methods:
+            r = by.get(m)
+            cells.append("—" if r is None else _cell(r, 3) + (f" ({r['tuned']})" if r["tuned"] else ""))
+        a, i = by.get("a_θ retrained at Δt"), by.get("IEnKF, N 20, -N prior")
+        ratio = a["armse"] / i["armse"] if a and i else float("nan")
+        lines.append(f"| {dt:g} | " + " | ".join(cells) + f" | {ratio:.2f} |".replace("nan", "—"))
+    notes = sorted({r["note"] for r in df.to_dict("records") if r["note"]})
+    return ("\n".join(lines) + f"\n\nLorenz 96 (Nx 40, F 8, RK4 step 0.05, H = I, R = I); Δt: time between observations. "
+            f"{b.batch} experiments × {b.cycles - b.burn_in} cycles after {b.burn_in} of burn-in, seed 0. In brackets: the "
+            f"hyperparameter tuned on seed 1 ({b.tune_batch} × {b.tune_cycles} cycles; EnKF-N and IEnKF: {XN_GRID}; "
+            f"3D-Var: {NONLINEARITY_VAR3D_GRID}). Networks: " + "; ".join(notes) + ".\n")
+
+
+def _nonlinearity_figure(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (method, g) in enumerate(df.groupby("method", sort=False)):
+        ax.errorbar(g["dt"], g["armse"], yerr=g["armse_ci"], marker="o", ms=3, capsize=2, color=f"C{i}", label=method,
+                    ls="--" if "0.05" in method else "-")
+    ax.set_xlabel("Δt (time between observations)")
+    ax.set_ylabel("aRMSE")
+    ax.set_title("Lorenz 96: accuracy against nonlinearity", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
