@@ -200,7 +200,7 @@ def test_window_comparison_rows_and_files(tmp_path):
     assert "nan" not in md
 
 
-def test_nonlinearity_rows_are_the_same_codes_runs(tmp_path):
+def test_nonlinearity_rows_are_the_same_codes_runs(tmp_path, monkeypatch):
     """At each Δt the retrained network's row equals its evaluation at that Δt, the Δt-0.05 network is run unchanged
     at the larger Δt, a missing network says so, and each classical row is tuned on seed 1 then scored on seed 0."""
     nets = {}
@@ -238,3 +238,18 @@ def test_nonlinearity_rows_are_the_same_codes_runs(tmp_path):
     r = by.loc[(0.2, "IEnKF, N 20, -N prior")]
     assert f"{r.armse:.3f} ± {r.armse_ci:.3f} (xN={best['filter.xN']})" in md and "nan" not in md
     assert (tmp_path / "out" / "nonlinearity.png").is_file()
+    # resumed into the same folder: every computed row is reused, only the network that has appeared since is run
+    trained = TrainRunConfig().model_dump(mode="json")
+    trained["model"]["substeps"] = 4
+    nets[4] = tmp_path / "w4"
+    save_net(nets[4], build_net(NetConfig(Nf=4, Nbl=1, Nl=1)), {"trained_with": trained})
+    calls = []
+    real = rp.run_experiment
+    monkeypatch.setattr(rp, "tune_on_seed", lambda *a, **k: pytest.fail("a tuned row was recomputed"))
+    monkeypatch.setattr(rp, "run_experiment", lambda cfg, out: calls.append(cfg.model.substeps) or real(cfg, out))
+    again = rp.reproduce_nonlinearity(tmp_path / "out", True, threads=1, progress=False, budget=TINY, steps=(1, 2, 4),
+                                      weights=weights)
+    assert calls == [4]
+    pd.testing.assert_frame_equal(again.drop(index=again.index[again["dt"] == 0.2]),
+                                  df.drop(index=df.index[df["dt"] == 0.2]))
+    assert again.set_index(["dt", "method"]).loc[(0.2, "a_θ retrained at Δt"), "armse"] > 0
