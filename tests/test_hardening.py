@@ -585,3 +585,11 @@ def test_a_filter_without_an_analysis_says_so():
 
     with pytest.raises(NotImplementedError, match="NoAnalysis does not implement an analysis"):
         NoAnalysis(N=2).cycle(torch.zeros(1, 2, 8, dtype=torch.float64), Lorenz96(Nx=8), None, None)
+
+
+@pytest.mark.parametrize("what", ["table", "nonlinearity"])
+def test_reproduce_refuses_weights_it_would_ignore(tmp_path, capsys, what):
+    """table and nonlinearity evaluate the shipped networks of their rows: a --weights would be silently ignored."""
+    rc, _, err = run_cli(capsys, "reproduce", what, "--quick", "--weights", "l96_nf40_ne1", "--out", tmp_path / "r")
+    assert_one_line_error(rc, err, f"reproduce {what}: --weights is not used")
+    assert not (tmp_path / "r").exists()

@@ -138,6 +138,9 @@ def cmd_reproduce(a) -> int:
     models = {"table": ("l96", "ks", "qg"), "transfer": ("l96", "ks")}.get(a.what, ("l96",))
     if a.model not in models:
         raise ConfigError(f"reproduce {a.what}: --model {a.model} is not available (it runs on {', '.join(models)})")
+    if a.weights and a.what in ("table", "nonlinearity"):
+        raise ConfigError(f"reproduce {a.what}: --weights is not used (its networks are fixed: the shipped weights/ of "
+                          "each row)")
     rp.check_layout(a.model)
     out = check_output_dir(Path(a.out) if a.out else _default_out(f"reproduce-{a.what}" + (f"-{a.model}" if a.model != "l96" else "")))
     if a.threads:
@@ -280,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="run folder (default: runs/reproduce-<what>-<time>)")
     sp.add_argument("--threads", type=POSITIVE, help="CPU threads for PyTorch")
     sp.add_argument("--weights", help="transfer, window (default l96_nf40_ne1; transfer --model ks: ks_ne1), sparsity "
-                    "(default l96_nf40_sparse): the weights (folder under weights/ or a path)")
+                    "(default l96_nf40_sparse): the weights (folder under weights/ or a path); refused by table and nonlinearity, "
+                    "whose rows name their own")
     sp.set_defaults(fn=cmd_reproduce)
 
     sp = sub.add_parser("config", help="list the config keys: type, default and description of each")
