@@ -568,13 +568,17 @@ def _nonlinearity_figure(df: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
+    top = 1.08 * df["armse"].max() if df["armse"].notna().any() else 1.0
     for i, (method, g) in enumerate(df.groupby("method", sort=False)):
         ax.errorbar(g["dt"], g["armse"], yerr=g["armse_ci"], marker="o", ms=3, capsize=2, color=f"C{i}", label=method,
                     ls="--" if "0.05" in method else "-")
+        gone = g[g["armse"].isna() & (g["diverged"] > 0)]  # every run diverged: a cross at the top
+        ax.plot(gone["dt"], [top * (1 + 0.03 * i)] * len(gone), ls="none", marker="x", ms=7, color=f"C{i}")
+    ax.text(0.01, 0.99, "x: every run diverged", transform=ax.transAxes, ha="left", va="top", fontsize=7)
     ax.set_xlabel("Δt (time between observations)")
     ax.set_ylabel("aRMSE")
     ax.set_title("Lorenz 96: accuracy against nonlinearity", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, 0.94))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
