@@ -593,3 +593,12 @@ def test_reproduce_refuses_weights_it_would_ignore(tmp_path, capsys, what):
     rc, _, err = run_cli(capsys, "reproduce", what, "--quick", "--weights", "l96_nf40_ne1", "--out", tmp_path / "r")
     assert_one_line_error(rc, err, f"reproduce {what}: --weights is not used")
     assert not (tmp_path / "r").exists()
+
+
+def test_reproduce_nonlinearity_with_a_corrupt_partial_file_is_one_line(tmp_path, capsys):
+    """The study resumes from out/partial.json: a damaged one is named, not a traceback, and left in place."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "partial.json").write_bytes(b'{"budget": {"cycles": 1')
+    rc, _, err = run_cli(capsys, "reproduce", "nonlinearity", "--quick", "--out", tmp_path / "r")
+    assert_one_line_error(rc, err, "partial.json: not a study's rows")
+    assert (tmp_path / "r" / "partial.json").read_bytes() == b'{"budget": {"cycles": 1'

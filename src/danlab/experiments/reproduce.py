@@ -489,8 +489,11 @@ def reproduce_nonlinearity(out: Path, quick: bool, threads: int | None = None, p
     partial = out / "partial.json"
     done = {}
     if partial.is_file():
-        prev = json.loads(partial.read_text())
-        if prev.get("budget") == b.__dict__:
+        try:
+            prev = json.loads(partial.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{partial}: not a study's rows ({exc}); remove it to start the study afresh") from None
+        if isinstance(prev, dict) and prev.get("budget") == b.__dict__:
             done = {(r["dt"], r["method"]): r for r in prev["rows"] if not r["note"].startswith("no weights")}
     classical = (("EnKF-N, N 20", "enkf_n.yaml", ["filter.N=20"], XN_GRID),
                  ("IEnKF, N 20, -N prior", "ienkf.yaml", ["filter.N=20", "filter.prior=N", "filter.infl=1.0"], XN_GRID),
