@@ -151,14 +151,14 @@ def _budget_overrides(b: Budget, seed: int) -> list[str]:
 def compute_row(row: Row, b: Budget, threads: int | None, configs: Path = CONFIGS) -> dict:
     th = [f"threads={threads}"] if threads else []
     if row.kind == "run":
-        over, note = list(row.over), ""
+        over, note, tuned = list(row.over), "", []
         if row.grids:
             best, _ = tune_on_seed(configs / row.what, th + over, list(row.grids), cycles=b.tune_cycles,
                                    burn_in=min(300, b.tune_cycles // 3), batch=b.tune_batch, seed=1)
             tuned = [f"{k}={v}" for k, v in best.items()]
             over, note = over + tuned, "tuned on seed 1: " + ", ".join(tuned)
         s = run_experiment(load_config(RunConfig, configs / row.what, th + over + _budget_overrides(b, 0)), None)
-        return s | {"note": note}
+        return s | {"note": note, "tuned": tuned}
     path = WEIGHTS / row.what
     if not (path / "model.json").is_file():
         return {"armse": float("nan"), "armse_ci": float("nan"), "cycles_per_s": float("nan"),
@@ -485,16 +485,15 @@ def reproduce_nonlinearity(out: Path, quick: bool, threads: int | None = None, p
     completes, and a rerun into the same folder at the same budget reuses it (a network row that had no weights then
     is computed again)."""
     b = budget or (QUICK if quick else NONLINEARITY_FULL)
-    th = [f"threads={threads}"] if threads else []
     partial = out / "partial.json"
-    done = {}
+    done = {}  # (Δt, method) -> a row of an earlier call at this budget
     if partial.is_file():
         try:
             prev = json.loads(partial.read_text())
         except (ValueError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{partial}: not a study's rows ({exc}); remove it to start the study afresh") from None
         if isinstance(prev, dict) and prev.get("budget") == b.__dict__:
-            done = {(r["dt"], r["method"]): r for r in prev["rows"] if not r["note"].startswith("no weights")}
+            done = {(r["dt"], r["method"]): r for r in prev["rows"]}
     classical = (("EnKF-N, N 20", "enkf_n.yaml", ["filter.N=20"], XN_GRID),
                  ("IEnKF, N 20, -N prior", "ienkf.yaml", ["filter.N=20", "filter.prior=N", "filter.infl=1.0"], XN_GRID),
                  ("3D-Var", "var3d.yaml", [], NONLINEARITY_VAR3D_GRID))
@@ -515,22 +514,19 @@ def reproduce_nonlinearity(out: Path, quick: bool, threads: int | None = None, p
             if (dt, name) in done:
                 rows.append(done.pop((dt, name)))
                 continue
-            over = th + [f"model.substeps={s}"] + over
-            best, _ = tune_on_seed(CONFIGS / file, over, [grid], cycles=b.tune_cycles,
-                                   burn_in=min(300, b.tune_cycles // 3), batch=b.tune_batch, seed=1)
-            tuned = [f"{k}={v}" for k, v in best.items()]
-            res = run_experiment(load_config(RunConfig, CONFIGS / file, over + tuned + _budget_overrides(b, 0)), None)
-            add(name, res, ", ".join(t.split(".", 1)[1] for t in tuned))
+            res = compute_row(Row(name, None, "run", file, (f"model.substeps={s}", *over), (grid,)), b, threads)
+            add(name, res, ", ".join(t.split(".", 1)[1] for t in res["tuned"]))
         for name, w in (("a_θ retrained at Δt", weights(s)), ("a_θ trained at Δt 0.05", weights(1))):
             if name == "a_θ trained at Δt 0.05" and s == 1:
                 continue  # the same network as the row above
+            earlier = done.pop((dt, name), {})
             path = WEIGHTS / w if not Path(w).exists() else Path(w)
             if not (path / "model.json").is_file():
                 add(name, {"armse": float("nan"), "armse_ci": float("nan")}, note=f"no weights in {path} yet")
                 continue
             sha = json.loads((resolve_net_dir(path) / "model.json").read_text()).get("sha256", "")
-            if done.get((dt, name), {}).get("sha256") == sha:  # the same network's row
-                rows.append(done.pop((dt, name)))
+            if earlier.get("sha256") == sha:  # the same network's row (a row without weights has no sha256)
+                rows.append(earlier)
                 continue
             cfg = _learned_config(path, b, seed=0)
             trained = cfg.model.substeps
