@@ -25,8 +25,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
+from torch.nn import functional as F
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "elu": nn.ELU}
+ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "relu": torch.relu, "tanh": torch.tanh, "silu": F.silu, "elu": F.elu}  # the same, as functions
 
 
 class NetConfig(BaseModel):
@@ -122,10 +124,30 @@ class AnalysisNet(nn.Module):
     # (rows = B * N), and each convolution is one gather of its k circular shifts, (C * k, rows * Nx) from a
     # cached index, and one matrix product with the weights viewed as (C_out, C_in * k): 2 calls per
     # layer, whatever B and N. Training keeps the layers (the same parameters, so the same saved weights).
+    # The weight matrices are views of the parameters, cached until the parameters may move to new storage
+    # (.to(), .float(): _apply) or the mode changes (train()/eval(), which every validation goes through); a
+    # copy of the network (deepcopy, pickling) does not carry them.
+
+    _CACHES = ("_taps_cache", "_plan")
+
+    def _drop_caches(self) -> None:
+        for name in self._CACHES:
+            self.__dict__.pop(name, None)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_caches()
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self._drop_caches()
+        return super().train(mode)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
 
     def _taps(self, rows: int, Nx: int, device) -> torch.Tensor:
         """Index (k * rows * Nx,): entry (j, r, i) is the column r * Nx + (i + j - k // 2) mod Nx."""
-        key = (rows, Nx, str(device))
+        key = (rows, Nx, device)
         cache = self.__dict__.setdefault("_taps_cache", {})
         idx = cache.get(key)
         if idx is None:
@@ -140,16 +162,13 @@ class AnalysisNet(nn.Module):
 
     def _matrices(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each convolution's weights as (C_out, C_in * k) and bias as (C_out, 1), in order: views of the
-        parameters (so they follow in-place updates), rebuilt when a parameter's storage changes (.to())."""
-        convs = self.__dict__.get("_convs")
-        if convs is None:
-            convs = self.__dict__["_convs"] = [self.inp, *(l for b in self.blocks for l in b.f[::2]), self.out]
-        key = tuple(c.weight.data_ptr() for c in convs) + tuple(c.bias.data_ptr() for c in convs)
-        cached = self.__dict__.get("_mats")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_mats"] = (key, [(c.weight.detach().view(c.weight.shape[0], -1),
-                                                      c.bias.detach().unsqueeze(1)) for c in convs])
-        return cached[1]
+        parameters, so they follow in-place updates (an optimiser step, load_state_dict, the weight average)."""
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            convs = [self.inp, *(l for b in self.blocks for l in b.f[::2]), self.out]
+            plan = self.__dict__["_plan"] = [(c.weight.detach().view(c.weight.shape[0], -1), c.bias.detach().unsqueeze(1))
+                                             for c in convs]
+        return plan
 
     def infer(self, E: torch.Tensor, zeta: torch.Tensor, zeta_members: torch.Tensor | None = None) -> torch.Tensor:
         """forward() without autograd, by gathers and matrix products (see above); E (B, N, Nx) -> (B, N, Nx)."""
@@ -159,10 +178,12 @@ class AnalysisNet(nn.Module):
         if c.kind == "simplified":
             x = zeta.unsqueeze(0).unsqueeze(2).expand(1, B, N, Nx).reshape(1, rows * Nx)
         else:
-            xb = E.mean(1, keepdim=True)
-            sd = E.std(1, keepdim=True) if N > 1 else torch.zeros_like(xb)
-            x = torch.stack([(E - c.shift) / c.scale, ((xb - c.shift) / c.scale).expand_as(E),
-                             (sd / c.scale).expand_as(E), zeta.unsqueeze(1).expand(B, N, Nx)]).view(4, rows * Nx)
+            e = (E - c.shift) / c.scale
+            if N > 1:
+                xb, sd = (E.mean(1, keepdim=True) - c.shift) / c.scale, E.std(1, keepdim=True) / c.scale
+            else:  # a single member is its own mean (to the bit), with no spread
+                xb, sd = e, torch.zeros_like(e)
+            x = torch.stack([e, xb.expand_as(E), sd.expand_as(E), zeta.unsqueeze(1).expand(B, N, Nx)]).view(4, rows * Nx)
         # past ~1,000 columns the gathered (C * k, columns) matrix leaves the cache and the product slows down
         # (measured: 22 GFLOP/s at 640-1,280 columns, 15 at 5,120): runs of rows are then cycled one after another
         per = max(1, self.MAX_COLUMNS // Nx)
@@ -174,26 +195,42 @@ class AnalysisNet(nn.Module):
         return da.view(B, N, Nx) + self.gain * (zeta.unsqueeze(1) if zeta_members is None else zeta_members)
 
     MAX_COLUMNS = 1024
+    # The exact GELU of a contiguous float32 matrix goes to oneDNN on x86 CPUs, which costs a fixed ~7 us per call
+    # (10 us for a 40 x 40 matrix, against 3 us for ATen's own kernel, which a transposed view takes; measured on
+    # an AVX2 EPYC, benchmarks/filter_speed.py); past a few hundred columns oneDNN is the faster one.
+    GELU_NATIVE_BELOW = 512
+
+    def _activation(self, cols: int):
+        """The activation as a function of an (C, cols) matrix (None for the linear variant)."""
+        if self.cfg.kind == "linear":
+            return None
+        name = self.cfg.activation
+        if name == "gelu":
+            return (lambda h: F.gelu(h.t()).t()) if cols < self.GELU_NATIVE_BELOW else F.gelu
+        return ACTIVATION_FUNCTIONS[name]
 
     def _body(self, x: torch.Tensor, rows: int, Nx: int) -> torch.Tensor:
         """The convolutions on the input channels x (C_in, rows * Nx) -> (1, rows * Nx)."""
         cols = rows * Nx
         idx = self._taps(rows, Nx, x.device)
-        mats = iter(self._matrices())
-
-        def conv(h):  # h (C_in, cols) -> (C_out, cols), with the next layer's weights
-            w, b = next(mats)
-            return torch.addmm(b, w, h.index_select(1, idx).view(w.shape[1], cols))
-
-        h = conv(x)
-        for block in self.blocks:
+        mats = self._matrices()
+        act = self._activation(cols)
+        w, b = mats[0]
+        h = torch.addmm(b, w, x.index_select(1, idx).view(-1, cols))
+        i, Nl = 1, self.cfg.Nl
+        for _ in range(self.cfg.Nbl):
             r = h
-            for i in range(0, len(block.f), 2):
-                h = conv(h)
-                if i + 1 < len(block.f):
-                    h = block.f[i + 1].forward(h)  # .forward: no hooks to run, a few us less per call
+            for l in range(Nl):
+                w, b = mats[i]
+                i += 1
+                h = torch.addmm(b, w, h.index_select(1, idx).view(-1, cols))
+                if act is not None and l < Nl - 1:
+                    h = act(h)
             h = h.add_(r)
-        return conv(self.act.forward(h))
+        w, b = mats[i]
+        if act is not None:
+            h = act(h)
+        return torch.addmm(b, w, h.index_select(1, idx).view(-1, cols))
 
 
 def build_net(cfg: NetConfig) -> AnalysisNet:
