@@ -29,7 +29,7 @@ from _common import command_line, markdown_table, provenance, score_methods  # n
 from danlab.config import load_config  # noqa: E402
 from danlab.experiments.run_config import RunConfig, learned_eval_data  # noqa: E402
 from danlab.experiments.runner import format_score, run_experiment  # noqa: E402
-from danlab.learned import load_net, resolve_net_dir  # noqa: E402
+from danlab.learned import default_perturb, load_net, resolve_net_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSICAL = [
@@ -51,8 +51,10 @@ def learned_row(spec: str, a) -> dict:
     cfg = load_config(RunConfig, None, over, data=data)
     s = run_experiment(cfg, None)
     t = trained.get("train", {})
-    name = (f"a_θ {Path(path).name}, Ne={N}, perturb={cfg.filter.perturb if cfg.filter.perturb is not None else t.get('perturb_obs', 0)}"
-            f" (trained: loss {t.get('loss', 'supervised')}, Ne {t.get('N', 1)})")
+    perturb = cfg.filter.perturb if cfg.filter.perturb is not None else default_perturb(meta, N, path)
+    how = "given" if cfg.filter.perturb is not None else "calibrated" if "calibrated" in meta and meta["calibrated"].get("N") == N else "as trained"
+    name = (f"a_θ {Path(path).name}, Ne={N}, perturb={perturb:g} ({how})"
+            f" (trained: loss {t.get('loss', 'supervised')}, Ne {t.get('N', 1)}, perturb {t.get('perturb_obs', 0):g})")
     row = {"method": name, "tuned": "—", "armse": s["armse"], "armse_ci": s["armse_ci"], "spread": s["spread"],
            "spread_ratio": s["spread_ratio"], "rank_hist": s.get("rank_hist"), "diverged": s["n_diverged"],
            "scored": f"{a.batch} × {a.cycles - a.burn_in} after {a.burn_in}", "command": command_line(),

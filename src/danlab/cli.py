@@ -111,6 +111,31 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_calibrate(a) -> int:
+    from danlab.experiments.calibrate import calibrate
+    from danlab.experiments.runner import format_score, parse_grid
+    name, values = parse_grid(a.grid if "=" in a.grid else f"perturb={a.grid}")
+    if name != "filter.perturb":
+        raise ConfigError(f"calibrate --grid {a.grid}: only the perturbation is calibrated (perturb=start:stop:step)")
+    if a.write and not a.force and a.seed == 0:
+        raise ConfigError("calibrate --write: seed 0 is the one every evaluation scores on; calibrate on another "
+                          "(--seed 7, the default) or pass --force")
+    out = check_output_dir(a.out) if a.out else None
+    r = calibrate(a.checkpoint, values, N=a.N, cycles=a.cycles, burn_in=a.burn_in, batch=a.batch, seed=a.seed,
+                  overrides=a.set, out=out, write=a.write, progress=_progress(a))
+    if a.json:
+        print(json.dumps(r, default=str))
+        return 0
+    for p in r["grid"]:
+        print(f"  perturb={p['perturb']:.4g}  armse={format_score(p | {'experiments': a.batch})}  "
+              f"spread/aRMSE {p['spread_ratio']:.3f}" + (f"  ({p['n_diverged']} diverged)" if p["n_diverged"] else ""))
+    print(f"perturb {r['perturb']:.4g}: spread / aRMSE {r['spread_ratio']:.3f} (calibrated: {r['target_ratio']:.3f} for "
+          f"N = {r['N']}), aRMSE {r['armse']:.4f} ± {r['armse_ci']:.4f} on seed {r['seed']}"
+          + ("; at the edge of the grid: widen it" if r["on_edge"] else ""))
+    print(f"recorded in {r['checkpoint']}/model.json" if r["written"] else "not recorded (--write records it in the sidecar)")
+    return 0
+
+
 def cmd_sweep(a) -> int:
     from danlab.experiments.sweep import run_sweep
     check_output_dir(a.out or "runs/sweeps")
@@ -252,6 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     common(sp, config=False)
     sp.set_defaults(fn=cmd_eval)
+    sp = sub.add_parser("calibrate", help="choose a learned ensemble's observation perturbation so that its spread "
+                        "matches its error (on a seed other than the scored one)")
+    sp.add_argument("checkpoint", help="network folder (model.json) or training run folder")
+    sp.add_argument("--grid", default="0.3:1.0:0.05", metavar="START:STOP:STEP",
+                    help="perturbations to try: start:stop:step (stop included) or v1,v2,... (default 0.3:1.0:0.05)")
+    sp.add_argument("--N", type=int, help="ensemble size (default: the training one; must be >= 2)")
+    sp.add_argument("--cycles", type=int, default=2000)
+    sp.add_argument("--burn-in", type=NONNEG, default=300)
+    sp.add_argument("--batch", type=int, default=4, help="independent trajectories")
+    sp.add_argument("--seed", type=int, default=7, help="held-out trajectories of this seed (not 0, the scored one)")
+    sp.add_argument("--write", action="store_true", help="record the choice in the network's sidecar (model.json), "
+                    "where it becomes the default perturbation for this N")
+    sp.add_argument("--force", action="store_true", help="--write even when calibrating on seed 0")
+    common(sp, config=False)
+    sp.set_defaults(fn=cmd_calibrate)
+
     sp = sub.add_parser("sweep", help="run a sweep file's points as independent tasks on Dask")
     sp.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
     sp.add_argument("--scheduler", help="an existing Dask scheduler address (tcp://...), or 'synchronous'; default: a LocalCluster")

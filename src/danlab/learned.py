@@ -7,6 +7,7 @@ provenance) beside its safetensors tensor file. A training run folder holds its 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,7 @@ import torch
 from pydantic import Field, PrivateAttr, ValidationError
 
 from danlab.checkpoint import CheckpointError, load_state_strict, read_checkpoint, write_checkpoint
+from danlab.io import write_json
 from danlab.config import upgrade_renamed
 from danlab.filters.base import Filter, centred_normal
 from danlab.nets import AnalysisNet, NetConfig, build_net
@@ -64,6 +66,33 @@ def load_net(path: str | Path) -> tuple[AnalysisNet, dict]:
     return net, meta
 
 
+def write_calibration(directory: str | Path, record: dict) -> None:
+    """Record in the sidecar of the network in `directory` the perturbation chosen by `danlab calibrate`
+    (key `calibrated`), by an atomic rewrite of model.json; the tensors are not touched."""
+    directory = resolve_net_dir(directory)
+    _, meta = read_checkpoint(directory, "model", NET_FORMAT)  # a damaged checkpoint is refused, not rewritten
+    write_json(directory / "model.json", dict(meta, calibrated=record))
+
+
+def calibrated_perturb(meta: dict, N: int, where: str) -> float | None:
+    """The perturbation `danlab calibrate` recorded in a sidecar for ensembles of N members (None if none)."""
+    cal = meta.get("calibrated")
+    if cal is None:
+        return None
+    p = cal.get("perturb") if isinstance(cal, dict) else None
+    if not isinstance(cal, dict) or isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 0:
+        raise CheckpointError(f"{where}/model.json: calibrated must be a mapping with a finite perturb >= 0 "
+                              f"(got {cal!r:.60})")
+    return float(p) if cal.get("N") == N else None
+
+
+def default_perturb(meta: dict, N: int, where: str) -> float:
+    """A network's observation perturbation for ensembles of N members when none is given: the calibrated one
+    (`danlab calibrate --write`) for this N if any, else the one it was trained with (0 for a single state)."""
+    p = calibrated_perturb(meta, N, where)
+    return p if p is not None else float(meta["trained_with"].get("train", {}).get("perturb_obs", 0.0))
+
+
 class Learned(Filter):
     """The learned analysis. `checkpoint`: a network folder or a training run folder."""
 
@@ -72,7 +101,8 @@ class Learned(Filter):
     checkpoint: str | None = None
     perturb: float | None = Field(None, ge=0, description="each member's own innovation zeta_n is taken against "
                                   "observations perturbed by perturb × N(0, R), centred over the members, as in the "
-                                  "stochastic EnKF (a source of spread for N > 1); null: as the network was trained "
+                                  "stochastic EnKF (a source of spread for N > 1); null: the value `danlab calibrate` "
+                                  "recorded in the sidecar for this N if any, else as the network was trained "
                                   "(train.perturb_obs in its sidecar)")
     _net: AnalysisNet | None = PrivateAttr(None)
 
@@ -94,7 +124,7 @@ class Learned(Filter):
             raise CheckpointError(f"{self.checkpoint}: {exc}") from None
         perturb = self.perturb
         if perturb is None:
-            perturb = float(meta["trained_with"].get("train", {}).get("perturb_obs", 0.0))
+            perturb = default_perturb(meta, self.N, str(resolve_net_dir(self.checkpoint)))
         return type(self).from_net(net.to(device), self.N, perturb)
 
     @property
