@@ -166,7 +166,9 @@ from dapper.mods.Lorenz96.sakov2008 import HMM
 K, N = int(sys.argv[1]), int(sys.argv[2])
 HMM.tseq = modelling.Chronology(0.05, dko=1, Ko=K, BurnIn=0.05 * K / 4)
 np.random.seed(3)
+s0 = time.perf_counter()
 xx, yy = HMM.simulate()
+sim = time.perf_counter() - s0
 xp = da.EnKF_N(N=N, xN=2)
 w0, c0 = time.perf_counter(), time.process_time()
 xp.assimilate(HMM, xx, yy, liveplots=False)
@@ -174,6 +176,7 @@ wall, cpu = time.perf_counter() - w0, time.process_time() - c0
 xp.stats.average_in_time()
 import dapper
 print(json.dumps({"version": dapper.__version__, "cycles": K, "N": N, "wall_ms": 1e3 * wall / K, "cpu_ms": 1e3 * cpu / K,
+                  "simulate_ms": 1e3 * sim / K,
                   "cycles_per_s": K / wall, "rmse_a": float(xp.avrgs.rmse.a.val)}))
 """
 
@@ -252,20 +255,31 @@ def report(out: dict) -> str:
     d = out.get("dapper")
     if d:
         md.append("\n## Against DAPPER (EnKF-N, N 20, xN 2, Nx 40, threads 1)\n")
-        tab = [["DAPPER " + d["version"] + ", one experiment", round(d["wall_ms"], 2), round(d["cycles_per_s"], 1), 1.0,
-                round(d["rmse_a"], 3)]]
+        # danlab's cycle includes making the truth and the observations (TwinStream); DAPPER makes them before its
+        # assimilation (HMM.simulate), timed apart: the like-for-like comparison adds that time to DAPPER's cycle
+        sim = d.get("simulate_ms")
+        tab = [["DAPPER " + d["version"] + ", one experiment: assimilation", round(d["wall_ms"], 2),
+                round(d["cycles_per_s"], 1), 1.0, "", round(d["rmse_a"], 3)]]
+        if sim is not None:
+            tab.append(["DAPPER, the same with its truth and observations (simulate)", round(d["wall_ms"] + sim, 2),
+                        round(1e3 / (d["wall_ms"] + sim), 1), "", 1.0, ""])
         for B in (1, 64):
             r = get("enkf_n", 20, 40, B, 1)
             if r:
-                tab.append([f"danlab, B = {B}", round(r["wall_ms"], 2), round(r["experiment_cycles_per_s"], 1),
-                            round(r["experiment_cycles_per_s"] / d["cycles_per_s"], 1), ""])
-        md.append(markdown_table(["run", "ms per cycle", "experiment-cycles/s", "× DAPPER", "aRMSE (DAPPER's run)"],
-                                 tab))
+                tab.append([f"danlab, B = {B} (truth and observations included)", round(r["wall_ms"], 2),
+                            round(r["experiment_cycles_per_s"], 1), round(r["experiment_cycles_per_s"] / d["cycles_per_s"], 1),
+                            "" if sim is None else round(r["experiment_cycles_per_s"] * (d["wall_ms"] + sim) / 1e3, 1), ""])
+        md.append(markdown_table(["run", "ms per cycle", "experiment-cycles/s", "× DAPPER (assimilation)",
+                                  "× DAPPER (with simulate: like for like)", "aRMSE (DAPPER's run)"], tab))
         md.append("\nTargets: B 64 ≥ 50 × DAPPER's one-experiment cycles/s; one experiment ≥ 4 ×.")
-        v = [(B, get("enkf_n", 20, 40, B, 1)) for B, _ in ((1, 4), (64, 50))]
-        v = [f"B {B}: {r['experiment_cycles_per_s'] / d['cycles_per_s']:.1f} × against ≥ {t} × "
-             f"({'met' if r['experiment_cycles_per_s'] / d['cycles_per_s'] >= t else 'missed'})"
-             for (B, r), t in zip(v, (4, 50)) if r]
+        v = []
+        for B, t in ((1, 4), (64, 50)):
+            r = get("enkf_n", 20, 40, B, 1)
+            if r:
+                x = r["experiment_cycles_per_s"] / d["cycles_per_s"]
+                y = None if sim is None else r["experiment_cycles_per_s"] * (d["wall_ms"] + sim) / 1e3
+                v.append(f"B {B}: {x:.1f} × ({'met' if x >= t else 'missed'})" + (
+                    "" if y is None else f", like for like {y:.1f} × ({'met' if y >= t else 'missed'})") + f" against ≥ {t} ×")
         md.append(" This run: " + "; ".join(v) + ".\n" if v else "\n")
     else:
         md.append(f"\nDAPPER: not measured ({out.get('dapper_note', 'skipped')}).\n")
