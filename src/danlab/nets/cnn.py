@@ -197,7 +197,7 @@ class AnalysisNet(nn.Module):
     MAX_COLUMNS = 1024
     # The exact GELU of a contiguous float32 matrix goes to oneDNN on x86 CPUs, which costs a fixed ~7 us per call
     # (10 us for a 40 x 40 matrix, against 3 us for ATen's own kernel, which a transposed view takes; measured on
-    # an AVX2 EPYC, benchmarks/filter_speed.py); past a few hundred columns oneDNN is the faster one.
+    # a 2-core AVX-512 Xeon, docs/results/filter_speed.md); past a few hundred columns oneDNN is the faster one.
     GELU_NATIVE_BELOW = 512
 
     def _activation(self, cols: int):
