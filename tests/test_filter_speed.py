@@ -123,6 +123,24 @@ def test_dual_inflation_numpy_iterations_equal_the_torch_ones():
                                rtol=0, atol=0)
 
 
+def test_dual_inflation_of_a_row_does_not_depend_on_its_batch():
+    """Each row stops iterating where it would alone: a batch of rows needing different iteration counts gives,
+    row by row, exactly the one-row results (a converged row that kept taking sub-tolerance steps while the others
+    converged would differ in its last bits, and a restarted experiment would change its healthy neighbours)."""
+    g = torch.Generator().manual_seed(5)
+    B, N = 32, 20
+    lam = 10 * torch.rand(B, N, generator=g, dtype=f64) ** 3
+    q = 20 * torch.rand(B, N, generator=g, dtype=f64) ** 2
+    eps, c = hyperprior(lam, N, 2.0)
+    for grad in (False, True):  # the NumPy iterations and the torch ones
+        with torch.enable_grad():
+            lam_ = lam.clone().requires_grad_(grad)
+            u = dual_inflation(lam_, q, eps, c).detach()
+            alone = torch.cat([dual_inflation(lam_[b:b + 1], q[b:b + 1], eps[b:b + 1], c[b:b + 1]).detach()
+                               for b in range(B)])
+        assert torch.equal(u, alone), grad
+
+
 def test_rows_ok_by_the_largest_magnitude_is_the_entrywise_check():
     t = torch.randn(6, 3, 4, dtype=f64)
     t[1, 0, 0], t[2, 2, 3], t[3, 1, 1], t[4] = float("nan"), float("inf"), -float("inf"), 1e308  # 4: huge, finite

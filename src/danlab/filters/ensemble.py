@@ -102,8 +102,9 @@ def dual_inflation(lam: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, c: tor
     divided by (N-1)/2, is J(t) = sum_i q_i / (lam_i (lam_i u + 1)) + eps/u + c t, where lam_i are the
     eigenvalues of S S^T with eigenvectors v_i and q_i = (v_i^T S d)^2 / (N-1). Only the derivatives are
     needed, and they never divide by lam_i. Where J'' <= 0 (away from the minimum) a unit step downhill is
-    taken instead; every step is clipped to |dt| <= 1. Starts at t = 0 (no inflation); stops when all steps
-    are below `tol`.
+    taken instead; every step is clipped to |dt| <= 1. Starts at t = 0 (no inflation); each row stops after its
+    first step below `tol` (so that a row's result does not depend on the others of its batch), the loop when all
+    have.
 
     On the CPU (no autograd) the iterations run in NumPy on the same float64 numbers: a few (B, N) arrays per
     step, where each torch call costs several times its arithmetic (measured: 0.8 ms of the 2 ms analysis at
@@ -113,15 +114,18 @@ def dual_inflation(lam: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, c: tor
     if lam.device.type == "cpu" and not grad:
         return _dual_inflation_numpy(lam, q, eps, c, max_iter, tol)
     t = torch.zeros_like(eps + c)
+    done = torch.zeros_like(t, dtype=torch.bool)
     for _ in range(max_iter):
         u = t.exp()
         a = lam * u + 1
         g = -(q * u / a**2).sum(-1, keepdim=True) - eps / u + c
         h = -(q * u * (1 - lam * u) / a**3).sum(-1, keepdim=True) + eps / u
         step = torch.where(h > 0, g / h.clamp(min=torch.finfo(h.dtype).tiny), g.sign()).clamp(-1.0, 1.0)
-        step = torch.where(torch.isfinite(step), step, 0.0)  # a blown-up row (flagged by the caller) stops at once
+        # a blown-up row (flagged by the caller) stops at once; a converged row stops where it would alone
+        step = torch.where(torch.isfinite(step) & ~done, step, 0.0)
         t = t - step
-        if step.abs().max() < tol:
+        done = done | (step.abs() < tol)
+        if bool(done.all()):
             break
     return t.exp()
 
@@ -132,6 +136,7 @@ def _dual_inflation_numpy(lam, q, eps, c, max_iter, tol):
     eps_, c_ = torch.broadcast_tensors(eps.detach(), c.detach())
     eps_, c_ = eps_.numpy(), c_.numpy()
     t = np.zeros(np.broadcast_shapes(eps_.shape, c_.shape), dtype=L.dtype)
+    done = np.zeros(t.shape, dtype=bool)
     tiny = np.finfo(L.dtype).tiny
     with np.errstate(all="ignore"):  # a blown-up row gives NaN here, as in torch; it is flagged by the caller
         for _ in range(max_iter):
@@ -140,9 +145,10 @@ def _dual_inflation_numpy(lam, q, eps, c, max_iter, tol):
             g = -(Q * u / a**2).sum(-1, keepdims=True) - eps_ / u + c_
             h = -(Q * u * (1 - L * u) / a**3).sum(-1, keepdims=True) + eps_ / u
             step = np.clip(np.where(h > 0, g / np.maximum(h, tiny), np.sign(g)), -1.0, 1.0)
-            step = np.where(np.isfinite(step), step, 0.0)
+            step = np.where(np.isfinite(step) & ~done, step, 0.0)
             t = t - step
-            if np.abs(step).max() < tol:
+            done = done | (np.abs(step) < tol)
+            if done.all():
                 break
     return torch.from_numpy(np.exp(t)).to(lam.dtype)
 
