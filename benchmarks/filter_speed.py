@@ -315,8 +315,9 @@ NOTES = """## What changed (issue 19) and what the figures say
   against the parameters' storage at each call (77 µs at Nx 40: 54 data_ptr() calls through nn.Module attribute
   lookups); they are dropped instead whenever the parameters may move (`.to()`, `.float()`) or the mode changes
   (`train()`/`eval()`, which every validation goes through), and a copy of the network does not carry them. A single
-  state reuses its normalised channel as the mean's. The network's forward at Nx 40 went from 1.34 to 0.96 ms in a
-  micro-benchmark, 1.6 to 1.1 ms per whole cycle.
+  state reuses its normalised channel as the mean's. This script's profile at Nx 40 (`profile_learned(40)`, best
+  of 3), run on this Xeon with the `src/` of 3ec0bda and then of this change on PYTHONPATH: network 0.95 → 0.61 ms,
+  whole cycle 1.46 → 1.02 ms.
 - **The learned filter's analysis** no longer converts float32 states (every network evaluation runs in float32)
   and takes a single member as its own mean.
 - **Statistics** (`run_cycles`): the forecast and analysis RMSE in one call on a stacked (2, B, Nx) tensor, written
