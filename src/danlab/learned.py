@@ -15,9 +15,9 @@ import torch
 from pydantic import Field, PrivateAttr, ValidationError
 
 from danlab.checkpoint import CheckpointError, load_state_strict, read_checkpoint, write_checkpoint
-from danlab.io import write_json
 from danlab.config import upgrade_renamed
 from danlab.filters.base import Filter, centred_normal
+from danlab.io import write_json
 from danlab.nets import AnalysisNet, NetConfig, build_net
 from danlab.observations import Obs
 from danlab.rng import BatchRNG
