@@ -253,3 +253,21 @@ def test_nonlinearity_rows_are_the_same_codes_runs(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(again.drop(index=again.index[again["dt"] == 0.2]),
                                   df.drop(index=df.index[df["dt"] == 0.2]))
     assert again.set_index(["dt", "method"]).loc[(0.2, "a_θ retrained at Δt"), "armse"] > 0
+
+
+def test_sparsity_scores_the_config_xn_when_every_tuned_value_diverged(tmp_path, monkeypatch, capsys):
+    """A fraction where every xN of the grid lost the truth in a tuning experiment (tune_on_seed finds no best)
+    is scored with the config's xN and said untuned, instead of ending the whole study in a traceback."""
+    w = tmp_path / "w"
+    trained = TrainRunConfig().model_dump(mode="json") | {"observations": {"kind": "random", "count_min": 10, "count_max": 40}}
+    save_net(w, build_net(NetConfig(Nf=4, Nbl=1, Nl=1)), {"trained_with": trained})
+    monkeypatch.setattr(rp, "tune_on_seed", lambda *a, **k: ({}, {}))
+    df = rp.reproduce_sparsity(tmp_path / "out", True, weights=str(w), threads=1, progress=True, budget=TINY,
+                               fractions=(0.5,))
+    default = load_config(RunConfig, rp.CONFIGS / "enkf_n.yaml").filter.xN
+    assert df["enkf_n_xN"].tolist() == [default] and df["enkf_n_tuned"].tolist() == [False]
+    over = ["threads=1", "filter.N=20", "observations.kind=random", "observations.fraction=0.5",
+            f"cycles={TINY.cycles}", f"burn_in={TINY.burn_in}", f"batch={TINY.batch}", "seed=0"]
+    assert df["enkf_n_armse"].iloc[0] == run_experiment(load_config(RunConfig, rp.CONFIGS / "enkf_n.yaml", over), None)["armse"]
+    assert "untuned: every xN of the grid lost the truth on seed 1" in (tmp_path / "out" / "sparsity.md").read_text()
+    assert "untuned" in capsys.readouterr().out
