@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from danlab.checkpoint import CheckpointError
-from danlab.config import ConfigError
+from danlab.config import ConfigError, load_config
 from danlab.experiments.calibrate import calibrate, calibrated_ratio
+from danlab.experiments.run_config import RunConfig, learned_eval_data
+from danlab.experiments.runner import run_experiment
 from danlab.learned import Learned
 from danlab.models import Lorenz96
 from danlab.observations import Observer
@@ -59,6 +61,9 @@ def test_calibrate_keeps_the_nearest_ratio_and_records_it(net_copy):
     assert prepared(net_copy, 10).perturb == r["perturb"] != trained
     assert prepared(net_copy, 5).perturb == trained
     assert prepared(net_copy, 10, perturb=0.9).perturb == 0.9
+    # an evaluation's summary says which perturbation its spread came from
+    data = learned_eval_data(meta["trained_with"], net_copy, cycles=30, burn_in=5, batch=1)
+    assert run_experiment(load_config(RunConfig, data=data | {"threads": 1}), None)["perturb"] == r["perturb"]
 
 
 def test_calibrate_refuses_what_it_cannot_calibrate(net_copy):
