@@ -25,10 +25,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
-from torch.nn import functional as F
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "elu": nn.ELU}
-ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "relu": torch.relu, "tanh": torch.tanh, "silu": F.silu, "elu": F.elu}  # the same, as functions
 
 
 class NetConfig(BaseModel):
@@ -204,10 +202,8 @@ class AnalysisNet(nn.Module):
         """The activation as a function of an (C, cols) matrix (None for the linear variant)."""
         if self.cfg.kind == "linear":
             return None
-        name = self.cfg.activation
-        if name == "gelu":
-            return (lambda h: F.gelu(h.t()).t()) if cols < self.GELU_NATIVE_BELOW else F.gelu
-        return ACTIVATION_FUNCTIONS[name]
+        f = self.act.forward  # the layers' own activation (.forward: no hooks to run, a few us less per call)
+        return (lambda h: f(h.t()).t()) if self.cfg.activation == "gelu" and cols < self.GELU_NATIVE_BELOW else f
 
     def _body(self, x: torch.Tensor, rows: int, Nx: int) -> torch.Tensor:
         """The convolutions on the input channels x (C_in, rows * Nx) -> (1, rows * Nx)."""
