@@ -121,14 +121,11 @@ class IEnKS(WindowFilter):
             zeta = self._zeta(lam, wr, r)
             grad = S @ torch.cat(d, -1).unsqueeze(-1) - zeta.unsqueeze(-1) * wr.unsqueeze(-1)
             dw = (apply_sym(V, 1.0 / (lam + zeta)) @ grad).squeeze(-1)  # Gauss-Newton step
+            T_r, Tinv_r = apply_sym(V, (lam + zeta).rsqrt()), apply_sym(V, (lam + zeta).sqrt())
             if full:
-                ok, w = ok & ok_r, wr + dw
-                T, Tinv = apply_sym(V, (lam + zeta).rsqrt()), apply_sym(V, (lam + zeta).sqrt())
+                ok, w, T, Tinv = ok & ok_r, wr + dw, T_r, Tinv_r
             else:
-                ok[r] = ok[r] & ok_r
-                w[r] = wr + dw
-                T[r] = apply_sym(V, (lam + zeta).rsqrt())
-                Tinv[r] = apply_sym(V, (lam + zeta).sqrt())
+                ok[r], w[r], T[r], Tinv[r] = ok[r] & ok_r, wr + dw, T_r, Tinv_r
             r = r[dw.norm(dim=-1) >= self.tol]  # a non-finite step (a blown-up row) leaves too
             if r.numel() == 0:
                 break
