@@ -309,7 +309,6 @@ def reproduce_sparsity(out: Path, quick: bool, weights: str = "l96_nf40_sparse",
     fraction; scores on seed 0."""
     b = budget or (QUICK if quick else FULL)
     path = WEIGHTS / weights if not Path(weights).exists() else Path(weights)
-    th = [f"threads={threads}"] if threads else []
     rows = []
     for f in fractions:
         obs = {"kind": "random", "fraction": f, "sigma": 1.0}
@@ -317,20 +316,17 @@ def reproduce_sparsity(out: Path, quick: bool, weights: str = "l96_nf40_sparse",
         cfg = load_config(RunConfig, data=cfg.model_dump(mode="json") | {"observations": obs} | (
             {"threads": threads} if threads else {}))
         learned = run_experiment(cfg, None)
-        over = th + ["filter.N=20", "observations.kind=random", f"observations.fraction={f}"]
-        best, _ = tune_on_seed(CONFIGS / "enkf_n.yaml", over, [XN_GRID], cycles=b.tune_cycles,
-                               burn_in=min(300, b.tune_cycles // 3), batch=b.tune_batch, seed=1)
-        tuned = [f"{k}={v}" for k, v in best.items()]
+        over = ["filter.N=20", "observations.kind=random", f"observations.fraction={f}"]
+        enkf = compute_row(Row("EnKF-N, N = 20", None, "run", "enkf_n.yaml", tuple(over), (XN_GRID,)), b, threads)
         # no tuned value when every xN of the grid lost the truth in a tuning experiment: the config's xN is scored
-        enkf_cfg = load_config(RunConfig, CONFIGS / "enkf_n.yaml", over + tuned + _budget_overrides(b, 0))
-        enkf = run_experiment(enkf_cfg, None)
+        xN = load_config(RunConfig, CONFIGS / "enkf_n.yaml", over + enkf["tuned"]).filter.xN
         rows.append({"fraction": f, "learned_armse": learned["armse"], "learned_ci": learned["armse_ci"],
                      "learned_diverged": learned["n_diverged"], "enkf_n_armse": enkf["armse"], "enkf_n_ci": enkf["armse_ci"],
-                     "enkf_n_diverged": enkf["n_diverged"], "enkf_n_xN": float(enkf_cfg.filter.xN),
-                     "enkf_n_tuned": bool(tuned), "ratio": learned["armse"] / enkf["armse"], "experiments": b.batch})
+                     "enkf_n_diverged": enkf["n_diverged"], "enkf_n_xN": float(xN), "enkf_n_tuned": bool(enkf["tuned"]),
+                     "ratio": learned["armse"] / enkf["armse"], "experiments": b.batch})
         if progress:
-            print(f"  fraction {f}: a_θ {format_score(learned)}, EnKF-N (N 20, xN={enkf_cfg.filter.xN:g}"
-                  f"{'' if tuned else ' untuned: every xN diverged on seed 1'}) {format_score(enkf)}", flush=True)
+            print(f"  fraction {f}: a_θ {format_score(learned)}, EnKF-N (N 20, xN={xN:g}"
+                  f"{'' if enkf['tuned'] else ' untuned: every xN diverged on seed 1'}) {format_score(enkf)}", flush=True)
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "sparsity.csv", df.to_csv(index=False))
