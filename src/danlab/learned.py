@@ -127,6 +127,11 @@ class Learned(Filter):
             perturb = default_perturb(meta, self.N, str(resolve_net_dir(self.checkpoint)))
         return type(self).from_net(net.to(device), self.N, perturb)
 
+    def resolved(self) -> dict:
+        """An ensemble's observation perturbation, the source of its spread (given, calibrated in the sidecar, or as
+        trained: see `perturb`)."""
+        return {"perturb": float(self.perturb)} if self.N > 1 else {}
+
     @property
     def net(self) -> AnalysisNet:
         if self._net is None:

@@ -48,8 +48,7 @@ def simulate(cfg: RunConfig, filt=None, rows_per_experiment: int = 1, progress: 
     twin = TwinStream(model, observer, len(ids), cfg.seed, ids=ids, dtype=cfg.torch_dtype, device=cfg.device)
     res = run_cycles(filt, model, twin, cfg.cycles, cfg.burn_in, cfg.seed, ids=ids, init_std=cfg.init_std,
                      divergence_factor=cfg.divergence_factor, progress=progress)
-    if getattr(filt, "method", None) == "learned" and filt.N > 1:  # the perturbation that made its spread, as resolved
-        res.extra["perturb"] = float(filt.perturb)                   # (given, calibrated in the sidecar, or as trained)
+    res.extra["resolved"] = filt.resolved()
     return res
 
 
@@ -58,7 +57,7 @@ def summarize(cfg: RunConfig, res: CycleResult, rows=None) -> dict:
     return {"method": cfg.filter.method, "N": cfg.filter.N, "Nx": cfg.model.Nx, **s, "cycles": cfg.cycles,
             "burn_in": cfg.burn_in, "cycles_per_s": cfg.cycles / res.wall_s,
             "experiment_cycles_per_s": res.B * cfg.cycles / res.wall_s, "wall_s": res.wall_s,
-            "threads": torch.get_num_threads(), **({"perturb": res.extra["perturb"]} if "perturb" in res.extra else {})}
+            "threads": torch.get_num_threads(), **res.extra.get("resolved", {})}
 
 
 def stats_dataset(res: CycleResult, cfg: RunConfig) -> xr.Dataset:

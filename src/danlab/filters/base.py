@@ -134,6 +134,10 @@ class Filter(BaseModel):
         """Return the filter ready to run with this model (e.g. with a climatological B); default: itself."""
         return self
 
+    def resolved(self) -> dict:
+        """Hyperparameters that prepare() settled rather than the config (a run's summary reports them); none here."""
+        return {}
+
     def cycle(self, E: torch.Tensor, model, obs: Obs, rng: BatchRNG) -> tuple[torch.Tensor, torch.Tensor]:
         """One DA cycle from the previous analysis E: returns (E^f, E^a)."""
         Ef = model(E)
