@@ -29,7 +29,7 @@ from _common import command_line, markdown_table, provenance, score_methods  # n
 from danlab.config import load_config  # noqa: E402
 from danlab.experiments.run_config import RunConfig, learned_eval_data  # noqa: E402
 from danlab.experiments.runner import format_score, run_experiment  # noqa: E402
-from danlab.learned import default_perturb, load_net, resolve_net_dir  # noqa: E402
+from danlab.learned import calibrated_perturb, default_perturb, load_net, resolve_net_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSICAL = [
@@ -52,7 +52,8 @@ def learned_row(spec: str, a) -> dict:
     s = run_experiment(cfg, None)
     t = trained.get("train", {})
     perturb = cfg.filter.perturb if cfg.filter.perturb is not None else default_perturb(meta, N, path)
-    how = "given" if cfg.filter.perturb is not None else "calibrated" if "calibrated" in meta and meta["calibrated"].get("N") == N else "as trained"
+    how = ("given" if cfg.filter.perturb is not None else
+           "calibrated" if calibrated_perturb(meta, N, path) is not None else "as trained")
     name = (f"a_θ {Path(path).name}, Ne={N}, perturb={perturb:g} ({how})"
             f" (trained: loss {t.get('loss', 'supervised')}, Ne {t.get('N', 1)}, perturb {t.get('perturb_obs', 0):g})")
     row = {"method": name, "tuned": "—", "armse": s["armse"], "armse_ci": s["armse_ci"], "spread": s["spread"],

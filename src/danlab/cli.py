@@ -122,9 +122,8 @@ def cmd_calibrate(a) -> int:
     if a.write and not a.force and a.seed == 0:
         raise ConfigError("calibrate --write: seed 0 is the one every evaluation scores on; calibrate on another "
                           "(--seed 7, the default) or pass --force")
-    out = check_output_dir(a.out) if a.out else None
     r = calibrate(a.checkpoint, values, N=a.N, cycles=a.cycles, burn_in=a.burn_in, batch=a.batch, seed=a.seed,
-                  overrides=a.set, out=out, write=a.write, progress=_progress(a))
+                  overrides=a.set, out=a.out, write=a.write, progress=_progress(a))  # tune() checks --out first
     if a.json:
         print(json.dumps(r, default=str))
         return 0
