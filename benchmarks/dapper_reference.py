@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, markdown_table, provenance  # noqa: E402
-from filter_speed import dapper_python, machine  # noqa: E402
+from filter_speed import dapper_json, dapper_python, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,15 +53,6 @@ for name, xp in [("iEnKS", da.iEnKS("Sqrt", N=20, Lag=1, xN=2)), ("EnKF_N", da.E
         out["s"] = float(r.s.val)
     print(json.dumps(out), flush=True)
 """
-
-
-def run_dapper(py: Path, cycles: int, burn: int, seed: int) -> list[dict]:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    p = subprocess.run([str(py), "-c", SCRIPT, str(cycles), str(burn), str(seed)], capture_output=True, text=True,
-                       env=env, cwd="/tmp")
-    if p.returncode != 0:
-        raise RuntimeError(f"DAPPER failed:\n{p.stderr[-2000:]}")
-    return [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
 
 
 def danlab_speed(method: str, cycles: int) -> float:
@@ -94,7 +83,7 @@ def main() -> None:
     t0 = time.time()
     runs = []
     for seed in (int(s) for s in a.seeds.split(",")):
-        runs += run_dapper(py, a.cycles, a.burn_in, seed)
+        runs += dapper_json(py, SCRIPT, a.cycles, a.burn_in, seed)
         print(json.dumps(runs[-2:]), flush=True)
     speed = {m: danlab_speed(m, a.speed_cycles) for m in ("ienks", "enkf_n")}
     table = json.loads((ROOT / "docs" / "results" / "baselines_l96.json").read_text())

@@ -201,14 +201,22 @@ def dapper_python(venv: Path) -> Path | None:
     return py if ok() else None
 
 
-def run_dapper(py: Path, cycles: int, N: int = 20) -> dict | None:
+def dapper_json(py: Path, script: str, *args) -> list[dict]:
+    """The JSON lines that `script` prints when run by DAPPER's python `py`, single-threaded (RuntimeError with its
+    stderr if it fails)."""
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    p = subprocess.run([str(py), "-c", DAPPER_SCRIPT, str(cycles), str(N)], capture_output=True, text=True, env=env,
-                       cwd="/tmp")
+    p = subprocess.run([str(py), "-c", script, *map(str, args)], capture_output=True, text=True, env=env, cwd="/tmp")
     if p.returncode != 0:
-        print(f"DAPPER: skipped, the run failed:\n{p.stderr[-2000:]}", flush=True)
+        raise RuntimeError(f"the DAPPER run failed:\n{p.stderr[-2000:]}")
+    return [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+
+
+def run_dapper(py: Path, cycles: int, N: int = 20) -> dict | None:
+    try:
+        return dapper_json(py, DAPPER_SCRIPT, cycles, N)[-1]
+    except RuntimeError as exc:
+        print(f"DAPPER: skipped, {exc}", flush=True)
         return None
-    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- report
