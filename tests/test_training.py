@@ -467,6 +467,37 @@ def test_init_from_starts_a_run_from_a_saved_network(tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
+def test_init_from_grows_a_network_by_blocks_that_start_as_the_identity(tmp_path):
+    """train.init_from with more residual blocks (net.Nbl) than the saved network: the grown network computes
+    exactly what the saved one did, then its new blocks train; fewer blocks, or another change, are refused."""
+    from danlab.config import ConfigError
+    train(tiny(max_steps=3), tmp_path / "src", progress=False)
+    saved, _ = load_net(tmp_path / "src")
+    grown_cfg = TrainRunConfig.model_validate(json.loads(json.dumps(TINY)) | {
+        "net": TINY["net"] | {"Nbl": 3}, "train": TINY["train"] | {"init_from": str(tmp_path / "src"), "max_steps": 4, "ema": 0.9}})
+    tr = Trainer(grown_cfg, tmp_path / "grown")
+    before = [p.detach().clone() for p in tr.net.blocks[1:].parameters()]
+    tr.warm_start(grown_cfg.train.init_from)
+    assert len(tr.net.blocks) == 3 and torch.equal(tr.net.inp.weight, saved.inp.weight)
+    assert torch.equal(tr.net.blocks[1].f[0].weight, before[0])  # a new block keeps its random first layer...
+    assert not tr.net.blocks[1].f[-1].weight.any() and not tr.avg.blocks[2].f[-1].bias.any()  # ...its last is zero
+    E, zeta = torch.randn(4, 1, 40), torch.randn(4, 40)
+    with torch.no_grad():
+        saved.train(), tr.net.train()
+        assert torch.equal(tr.net(E, zeta), saved(E, zeta)) and torch.equal(tr.avg.train()(E, zeta), saved(E, zeta))
+    train(grown_cfg, tmp_path / "grown_run", progress=False)
+    trained, _ = load_net(tmp_path / "grown_run")
+    assert trained.blocks[2].f[-1].weight.abs().max() > 0  # the new blocks learn
+    shrink = TrainRunConfig.model_validate(json.loads(json.dumps(TINY)) | {
+        "net": TINY["net"] | {"Nbl": 0}, "train": TINY["train"] | {"init_from": str(tmp_path / "src")}})
+    with pytest.raises(ConfigError, match="net.Nbl = 1, this run's net.Nbl is 0 .*can only grow"):
+        train(shrink, tmp_path / "shrunk", progress=False)
+    wider = TrainRunConfig.model_validate(json.loads(json.dumps(TINY)) | {
+        "net": TINY["net"] | {"Nbl": 2, "Nf": 4}, "train": TINY["train"] | {"init_from": str(tmp_path / "src")}})
+    with pytest.raises(ConfigError, match="net.Nf = 8, this run's net.Nf is 4"):
+        train(wider, tmp_path / "wider", progress=False)
+
+
 def test_training_stops_at_its_wall_clock_budget_and_validates_there(tmp_path):
     out = train(tiny(max_steps=10_000, val_every=10_000), tmp_path, progress=False, max_wall_s=1e-9)
     assert out["step"] == 1

@@ -237,16 +237,27 @@ class Trainer:
 
     def warm_start(self, path: str) -> None:
         """Start from the weights of the network stored in `path` (train.init_from; a new run only: a resumed one
-        carries its own), which must have this run's network config. The average starts from them too."""
+        carries its own), which must have this run's network config, or the same with fewer residual blocks
+        (net.Nbl): the network then grows, its blocks followed by new ones whose last convolution is zero, so
+        that each new block starts as the identity and the grown network computes what the stored one did (a
+        curriculum from a small network to a large one). The average starts from them too."""
         net, _ = load_net(path)
         theirs, ours = net.cfg.model_dump(mode="json"), self.cfg.net.model_dump(mode="json")
-        if theirs != ours:
-            k = next(k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
+        grow = theirs["Nbl"] < ours["Nbl"] and {**theirs, "Nbl": ours["Nbl"]} == ours
+        if theirs != ours and not grow:
+            diff = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+            k = next((k for k in diff if k != "Nbl"), diff[0])  # what stops a growth, when the blocks would grow
             raise ConfigError(f"train.init_from: {path} holds a network with net.{k} = {theirs.get(k)!r}, this run's "
-                              f"net.{k} is {ours.get(k)!r}")
-        self.net.load_state_dict(net.state_dict())
-        if self.avg is not None:
-            self.avg.load_state_dict(net.state_dict())
+                              f"net.{k} is {ours.get(k)!r}" + (" (a network can only grow: more blocks, net.Nbl, "
+                                                              "nothing else changed)" if k == "Nbl" else ""))
+        for target in [self.net] + ([self.avg] if self.avg is not None else []):
+            target.load_state_dict(net.state_dict(), strict=not grow)  # a grown network: its new blocks only missing
+            new = range(theirs["Nbl"], ours["Nbl"])
+            with torch.no_grad():
+                for b in new:
+                    last = target.blocks[b].f[-1]
+                    last.weight.zero_()
+                    last.bias.zero_()
 
     def param_groups(self) -> list[dict]:
         """Adam's groups: the body at lr, the head (output layer and gain) at lr × lr_head."""
