@@ -137,3 +137,27 @@ def test_tendency_against_an_independent_formula():
     torch.testing.assert_close(m(x), y, rtol=0, atol=1e-12)
     # the fixed point x = F everywhere: zero tendency
     assert torch.equal(Lorenz96(Nx=10, F=8.0).tendency(torch.full((10,), 8.0, dtype=torch.float64)), torch.zeros(10, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_numpy_forecast_equals_the_torch_one_bit_for_bit(dtype):
+    """Outside autograd a CPU state is integrated in NumPy (Lorenz96._steps): the same numbers as the torch
+    RK4, for single states, ensembles and batches, several substeps, a non-contiguous input; with autograd the
+    torch path runs and differentiates."""
+    model = Lorenz96(Nx=40, substeps=3)
+    x = (8 + torch.randn(3, 5, 40, dtype=dtype)).transpose(0, 1)  # not contiguous
+    with torch.no_grad():
+        fast = model(x)
+    torch_path = x
+    for _ in range(3):
+        torch_path = model.step(torch_path)
+    assert fast.dtype == dtype and fast.shape == x.shape and torch.equal(fast, torch_path)
+    assert torch.equal(model.spinup(x[0, 0], 1.0), model._steps(x[0, 0].clone().requires_grad_(), 20).detach())
+    xg = x.clone().requires_grad_()
+    y = model(xg)
+    assert y.grad_fn is not None and torch.equal(y.detach(), fast)
+    y.sum().backward()
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="Nx=40"):
+        with torch.no_grad():
+            model(torch.zeros(2, 41, dtype=dtype))

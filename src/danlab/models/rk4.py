@@ -7,8 +7,9 @@ from typing import Callable
 import torch
 
 
-def rk4_step(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dt: float) -> torch.Tensor:
-    """x + dt/6 (k1 + 2 k2 + 2 k3 + k4) for the autonomous tendency f; differentiable, any shape and dtype."""
+def rk4_step(f: Callable, x, dt: float):
+    """x + dt/6 (k1 + 2 k2 + 2 k3 + k4) for the autonomous tendency f; differentiable, any shape and dtype (a torch
+    tensor, or a NumPy array with a NumPy tendency)."""
     k1 = f(x)
     k2 = f(x + 0.5 * dt * k1)
     k3 = f(x + 0.5 * dt * k2)
