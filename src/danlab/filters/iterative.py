@@ -32,10 +32,12 @@ from danlab.filters.ensemble import _inflate, hyperprior
 from danlab.observations import Obs
 
 
-def _members(x0: torch.Tensor, X0: torch.Tensor, w: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """The ensemble x0 + X0^T w + sqrt(N-1) T X0: mean shifted by w, anomalies transformed by T."""
+def _members(x0: torch.Tensor, X0: torch.Tensor, w: torch.Tensor, T: torch.Tensor | float) -> torch.Tensor:
+    """The ensemble x0 + X0^T w + sqrt(N-1) T X0: mean shifted by w, anomalies transformed by T (a number: T times
+    the identity, the same numbers without the matrix product)."""
     N = X0.shape[-2]
-    return (x0 + (w.unsqueeze(-2) @ X0).squeeze(-2)).unsqueeze(-2) + math.sqrt(N - 1) * (T @ X0)
+    TX0 = T * X0 if isinstance(T, float) else T @ X0
+    return (x0 + (w.unsqueeze(-2) @ X0).squeeze(-2)).unsqueeze(-2) + math.sqrt(N - 1) * TX0
 
 
 def _rows(value, r: torch.Tensor):
@@ -104,7 +106,8 @@ class IEnKS(WindowFilter):
             # gathers and scatters by index, a dozen calls per iteration fewer
             full = r.numel() == B
             rows = (lambda t: t) if full else (lambda t: t[r])
-            run = window_run(model, _members(rows(x0), rows(X0), rows(w), a * rows(T)), len(obs))
+            # the first iteration's transforms are the identity: its products by T and T^-1 are skipped
+            run = window_run(model, _members(rows(x0), rows(X0), rows(w), a if it == 0 else a * rows(T)), len(obs))
             if it == 0:
                 xf, Xf = mean_and_anomalies(run[-1])
                 Ef = xf.unsqueeze(-2) + math.sqrt(N - 1) * Xf / a
@@ -114,12 +117,14 @@ class IEnKS(WindowFilter):
                 xl, Xl = mean_and_anomalies(run[l])
                 S.append(o.H(Xl) * (sb / (a * o.sigma)))
                 d.append(o.innovation(xl) * (sb / o.sigma))
-            S = rows(Tinv) @ torch.cat(S, -1)  # de-conditioned observed anomalies
+            S = S[0] if len(S) == 1 else torch.cat(S, -1)
+            S = S if it == 0 else rows(Tinv) @ S  # de-conditioned observed anomalies
             lam, V, ok_r = safe_eigh(S @ S.mT)
             lam = lam.clamp(min=0)
             wr = rows(w)
             zeta = self._zeta(lam, wr, r)
-            grad = S @ torch.cat(d, -1).unsqueeze(-1) - zeta.unsqueeze(-1) * wr.unsqueeze(-1)
+            d = d[0] if len(d) == 1 else torch.cat(d, -1)
+            grad = S @ d.unsqueeze(-1) - zeta.unsqueeze(-1) * wr.unsqueeze(-1)
             dw = (apply_sym(V, 1.0 / (lam + zeta)) @ grad).squeeze(-1)  # Gauss-Newton step
             T_r, Tinv_r = apply_sym(V, (lam + zeta).rsqrt()), apply_sym(V, (lam + zeta).sqrt())
             if full:
