@@ -86,8 +86,8 @@ def safe_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     reported in ok (B,) as False, so that its filter can mark that experiment diverged; the other rows are
     decomposed exactly as they would be on their own (the batched decomposition works matrix by matrix)."""
     ok = rows_ok(G)
-    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-    G = torch.where(ok.view(-1, 1, 1), G, eye) if not bool(ok.all()) else G
+    eye = lambda: torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)  # noqa: E731 (only for a bad row)
+    G = torch.where(ok.view(-1, 1, 1), G, eye()) if not bool(ok.all()) else G
     try:
         lam, V = torch.linalg.eigh(G)
     except torch.linalg.LinAlgError:  # rare: find the rows that fail, one at a time, and replace them
@@ -98,7 +98,7 @@ def safe_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
             except torch.linalg.LinAlgError:
                 bad[b] = True
         ok = ok & ~bad
-        G = torch.where(ok.view(-1, 1, 1), G, eye)
+        G = torch.where(ok.view(-1, 1, 1), G, eye())
         lam, V = torch.linalg.eigh(G)
     ok = ok & rows_ok(lam, V)
     return lam, V, ok

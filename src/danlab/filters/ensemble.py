@@ -133,17 +133,17 @@ def dual_inflation(lam: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, c: tor
 def _dual_inflation_numpy(lam, q, eps, c, max_iter, tol):
     """`dual_inflation` on CPU tensors, iterated in NumPy (see there)."""
     L, Q = lam.detach().numpy(), q.detach().numpy()
-    eps_, c_ = torch.broadcast_tensors(eps.detach(), c.detach())
-    eps_, c_ = eps_.numpy(), c_.numpy()
-    t = np.zeros(np.broadcast_shapes(eps_.shape, c_.shape), dtype=L.dtype)
+    eps_, c_ = np.broadcast_arrays(eps.detach().numpy(), c.detach().numpy())
+    t = np.zeros(eps_.shape, dtype=L.dtype)
     done = np.zeros(t.shape, dtype=bool)
     tiny = np.finfo(L.dtype).tiny
     with np.errstate(all="ignore"):  # a blown-up row gives NaN here, as in torch; it is flagged by the caller
         for _ in range(max_iter):
             u = np.exp(t)
-            a = L * u + 1
-            g = -(Q * u / a**2).sum(-1, keepdims=True) - eps_ / u + c_
-            h = -(Q * u * (1 - L * u) / a**3).sum(-1, keepdims=True) + eps_ / u
+            Lu, Qu, eps_u = L * u, Q * u, eps_ / u  # each computed once, the same numbers as in the formulas above
+            a = Lu + 1
+            g = -(Qu / a**2).sum(-1, keepdims=True) - eps_u + c_
+            h = -(Qu * (1 - Lu) / a**3).sum(-1, keepdims=True) + eps_u
             step = np.clip(np.where(h > 0, g / np.maximum(h, tiny), np.sign(g)), -1.0, 1.0)
             step = np.where(np.isfinite(step) & ~done, step, 0.0)
             t = t - step
