@@ -333,8 +333,19 @@ NOTES = """## What changed (issue 19) and what the figures say
   analysis RMSE (a non-finite member makes it non-finite) instead of scanning the ensemble.
 - **EnKF-N**: the Newton iterations of the dual cost run in NumPy on CPU tensors (same float64 formulas; ~25 tiny
   torch calls per iteration cost ~0.8 ms of a 2 ms analysis at N 40); `rows_ok` checks finiteness by the row's
-  largest magnitude (one reduction instead of isfinite over every entry: 3× cheaper on a (64, 20, 20) batch); the
-  spread is one `var` call.
+  largest magnitude (one reduction instead of isfinite over every entry: 3× cheaper on a (64, 20, 20) batch).
+- **Lorenz 96 in NumPy, the spread in two passes (2026-11-30, second change)**: outside autograd a CPU state is
+  integrated in NumPy (`Lorenz96._steps`): the same operations in the same order give the same numbers bit for bit
+  (tests/test_model.py; `make demo`'s table unchanged), and a NumPy call on a small array costs a fraction of a torch
+  call: one RK4 step of one Nx 40 state 25 µs against 190, of 20 members 43 against 140, of 64 × 20 members 1.0 ms
+  against 1.2. Every filter's truth and forecast take it (the learned filter's single state most of all), and the
+  IEnKS runs the model at each Gauss–Newton iteration. `spread` computes the members' variance in two passes: torch.var
+  over the members of a (64, 20, 40) float64 batch took 0.95 ms, these five calls 0.08 ms (equal to round-off). The
+  EnKF-N's Newton iterations compute the products shared by gradient and Hessian once, and the IEnKS skips its first
+  iteration's products by identity transforms (both bit for bit as before). Measured in interleaved A/B runs on this
+  Xeon (the `src/` of b8c31e4, then of this change; best of 5, another job on the other core): EnKF-N N 20 at B 64
+  7.03 → 5.89 ms per cycle. The single-experiment figures moved by less than this machine's run-to-run spread in the
+  timed runs (±20 %): compare the tables of this file's history at its two dates.
 - Tried and left out: `torch.compile` of the inference path (gcc is here, but 230 s to compile under this load and
   ~10 % faster: not worth it); exact GELU as erf arithmetic (no faster); a 2-thread split of the batched `eigh`
   (no gain on 2 busy cores); fusing the EnKF-N's mean and anomaly products (breaks the bit-exact independence of a
@@ -346,24 +357,26 @@ NOTES = """## What changed (issue 19) and what the figures say
 - **Threads 2 do not pay here**: on 2 cores shared with other jobs, 2 intra-op threads make most configurations
   slower, some by 10-30× (OpenMP threads waiting on each other), as DESIGN.md says; B 64 with 2 threads is only
   run with --threads2-batched.
-- **Why the a_θ targets are missed** (this run, 2-core AVX-512 Xeon): at Nx 40 the a_θ cycle is ~1.1 ms, of which the
-  network's forward is ~0.62 ms (27 convolutions of 40 filters, kernel 5: 17 MFLOP; 27 products of ~8 µs, 27 gathers
-  of ~5 µs, 21 activations of ~3 µs and the Python between them), the truth and observations ~0.15 ms, the forecast
-  ~0.12 ms, and the EnKF-N with N 40 takes ~1.3 ms in all. Even with no Python at all, the calls themselves
-  (~0.45 ms) plus the twin and the forecast (~0.27 ms, which the EnKF-N pays too) leave the ratio near 0.6 at Nx 40:
-  ≤ 0.5 needs fewer calls than one per layer (a compiled or traced graph, with its own costs; see "Not done") or a
-  smaller network. At Nx 160 the network's arithmetic (69 MFLOP) alone is ~0.3 of the EnKF-N(160)'s whole cycle
-  (4.3 ms): ≤ 0.1× is not reachable by code for this network on this CPU.
-- **Why the DAPPER targets are missed**: at B 1 danlab's EnKF-N (N 20) cycle is ~1.1 ms against DAPPER's ~2.5 ms
-  (2.1–2.3×, 2.2–2.4× like for like with DAPPER's simulate, in two runs on this machine; 1.7× and 2.6× in earlier
-  runs on a 2-core AVX2 EPYC, where DAPPER took 4.0–5.3 ms). Of danlab's 1.1 ms: the truth and observations ~0.15 ms, the forecast of 20 members ~0.15
-  ms, the EnKF-N's dual-cost Newton iterations ~0.24 ms (about 4 iterations of ~25 NumPy calls on (1, 20) arrays,
-  ~2 µs each), the 20 × 20 eigendecomposition ~0.07 ms, the rest ~40 small torch calls. 4× needs ≤ 0.6 ms, i.e. about
-  half of every part. At B 64, the forecast of 64 × 20 members (RK4, ~30 calls on (64, 20, 40) float64 tensors)
-  and 64 LAPACK eigendecompositions of 20 × 20 (~40 µs each, one after another inside torch.linalg.eigh) are most
-  of the cycle. The next levers: an eigensolver batched across matrices (e.g. Jacobi sweeps on the whole batch) or
-  the eigh split across processes, and a fused RK4 (which changes the trajectories' round-off, hence every stored
-  score in its last digits).
+- **Why the a_θ targets are missed** (2-core AVX-512 Xeon): at Nx 40 the a_θ cycle is ~1.0 ms, of which the network's
+  forward is 0.6–0.85 ms from run to run (27 convolutions of 40 filters, kernel 5: 17 MFLOP; 27 products of ~8 µs,
+  27 gathers of ~5 µs, 21 activations of ~3 µs and the Python between them); the truth and observations take
+  0.06–0.09 ms and the forecast 0.03–0.05 ms since the model runs in NumPy (0.15 and 0.12 ms before), and the EnKF-N
+  with N 40 takes 1.3–1.45 ms in all. The network's calls alone (~0.45 ms) keep the ratio above 0.5 at Nx 40: ≤ 0.5
+  needs fewer calls than one per layer (a compiled or traced graph, with its own costs; see "Not done") or a smaller
+  network. At Nx 160 the network's arithmetic (69 MFLOP) alone is ~0.3 of the EnKF-N(160)'s whole cycle (~4 ms):
+  ≤ 0.1× is not reachable by code for this network on this CPU.
+- **Why the DAPPER targets are missed**: at B 1 danlab's EnKF-N (N 20) cycle is ~1.0–1.1 ms, DAPPER's 2.4–3.1 ms in
+  the timed runs on this machine (its own loop, NumPy on one state, varies as much as danlab's between runs): 2.1×
+  before the NumPy model (DAPPER 2.38 ms, danlab 1.13 ms), 3.1× and 3.0× in two runs after it (DAPPER 3.10 and
+  3.01 ms, danlab 1.01 and 1.02 ms), so about a third of that gain is danlab's and the rest DAPPER's slower runs;
+  1.7× and 2.6× in earlier runs on a 2-core AVX2 EPYC. Of danlab's ~1 ms: the truth, observations and forecast ~0.1 ms, the EnKF-N's dual-cost Newton iterations
+  ~0.14 ms (about 4 iterations of ~20 NumPy calls on (1, 20) arrays), the 20 × 20 eigendecomposition with its
+  checks ~0.09 ms, the rest ~40 small torch calls (~3–5 µs each) and the statistics. 4× against DAPPER's faster runs
+  needs ≤ 0.6 ms: the torch calls of the analysis would have to go, which the bit-exact constraint (every stored
+  score) rules out for NumPy's own linear algebra (another BLAS, other round-off). At B 64 the 64 LAPACK
+  eigendecompositions of 20 × 20 (~33 µs each, one after another inside torch.linalg.eigh, ~2.1 ms) are the largest
+  part of the cycle. The next lever there: an eigensolver batched across matrices (e.g. Jacobi sweeps on the whole
+  batch) or the eigh split across processes.
 """
 
 
