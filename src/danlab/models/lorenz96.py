@@ -37,9 +37,12 @@ class Lorenz96:
         """Time between two observations (one cycle)."""
         return self.dt * self.substeps
 
-    def tendency(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_size(self, x) -> None:
         if x.shape[-1] != self.Nx:
             raise ValueError(f"Lorenz96 expects states of size Nx={self.Nx}, got shape {tuple(x.shape)}")
+
+    def tendency(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_size(x)
         # periodic padding once, then the neighbours are views: x_{i-2}, x_{i-1}, x_{i+1}
         xp = torch.cat([x[..., -2:], x, x[..., :1]], -1)
         return (xp[..., 3:] - xp[..., :-3]) * xp[..., 1:-2] - x + self.F
@@ -69,8 +72,7 @@ class Lorenz96:
             for _ in range(n):
                 x = self.step(x)
             return x
-        if x.shape[-1] != self.Nx:
-            raise ValueError(f"Lorenz96 expects states of size Nx={self.Nx}, got shape {tuple(x.shape)}")
+        self._check_size(x)
         for _ in range(n):
             xn = rk4_step(self._tendency_numpy, xn, self.dt)
         return torch.from_numpy(xn)

@@ -250,9 +250,9 @@ class Trainer:
             raise ConfigError(f"train.init_from: {path} holds a network with net.{k} = {theirs.get(k)!r}, this run's "
                               f"net.{k} is {ours.get(k)!r}" + (" (a network can only grow: more blocks, net.Nbl, "
                                                               "nothing else changed)" if k == "Nbl" else ""))
+        new = range(theirs["Nbl"], ours["Nbl"])  # the blocks a grown network adds (none otherwise)
         for target in [self.net] + ([self.avg] if self.avg is not None else []):
             target.load_state_dict(net.state_dict(), strict=not grow)  # a grown network: its new blocks only missing
-            new = range(theirs["Nbl"], ours["Nbl"])
             with torch.no_grad():
                 for b in new:
                     last = target.blocks[b].f[-1]
