@@ -41,7 +41,7 @@ def spread(E: torch.Tensor) -> torch.Tensor:
     if E.shape[-2] < 2:
         return torch.zeros(E.shape[0], dtype=E.dtype, device=E.device)
     # the N - 1 normalised variance of the members, in two passes: torch.var over the members of a (64, 20, 40)
-    # float64 batch took 0.95 ms here against 0.08 ms for these five calls (equal to round-off)
+    # float64 batch took 0.95 ms on a 2-core AVX-512 Xeon against 0.08 ms for these five calls (equal to round-off)
     X = E - E.mean(-2, keepdim=True)
     return ((X * X).sum(-2) / (E.shape[-2] - 1)).mean(-1).sqrt()
 

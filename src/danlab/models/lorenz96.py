@@ -60,7 +60,8 @@ class Lorenz96:
         """n RK4 steps. A CPU state outside autograd in float32/64 (the truth of every twin, the forecast of every
         filter) is integrated in NumPy: the same operations in the same order give the same numbers (a test checks
         them equal bit for bit), and a NumPy call on 40 to a few thousand numbers costs a fraction of a torch call
-        (measured: one RK4 step of one Nx 40 state 25 µs against 190, of 20 members 43 against 140)."""
+        (measured on a 2-core AVX-512 Xeon: one RK4 step of one Nx 40 state 25 µs against 190, of 20 members 43
+        against 140)."""
         xn = None
         if not (torch.is_grad_enabled() and x.requires_grad) and x.device.type == "cpu" and x.dtype in (torch.float32,
                                                                                                        torch.float64):
