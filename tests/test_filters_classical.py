@@ -170,14 +170,16 @@ def test_ienkf_equals_etkf_on_linear_model(kw):
         torch.testing.assert_close(Ei, Ee, rtol=0, atol=1e-10 if kw.get("variant") != "bundle" else 1e-8)
 
 
-def test_var3d_equals_blue():
+@pytest.mark.parametrize("count_max", [9, 6])  # some row observes every site (the full system), or none does
+def test_var3d_equals_blue(count_max):
     g = torch.Generator().manual_seed(3)
     B, Nx = 4, 9
     A = torch.randn(Nx, Nx, generator=g, dtype=f64)
     C = A @ A.mT + 0.5 * torch.eye(Nx, dtype=f64)
     xf = torch.randn(B, 1, Nx, generator=g, dtype=f64)
-    obs = Observer(Nx=Nx, sigma=0.6, kind="random", count_min=1, count_max=Nx).observe(
+    obs = Observer(Nx=Nx, sigma=0.6, kind="random", count_min=count_max - 4, count_max=count_max).observe(
         torch.randn(B, Nx, generator=g, dtype=f64), BatchRNG(0, "obs", B, list(range(B))))
+    assert (int(obs.Ny.max()) == Nx) == (count_max == Nx) and len(set(obs.Ny.tolist())) > 1
     scale = torch.tensor([0.5, 1.0, 2.0, 1.0], dtype=f64)
     xa = Var3D(cov=C).model_copy(update={"scale": scale}).analysis(xf, obs, None)
     for b in range(B):
