@@ -148,17 +148,23 @@ def _budget_overrides(b: Budget, seed: int) -> list[str]:
     return [f"cycles={b.cycles}", f"burn_in={b.burn_in}", f"batch={b.batch}", f"seed={seed}"]
 
 
+def tuned_and_scored(path: Path, over: list[str], grids: list[str], tune: tuple[int, int, int],
+                     score: list[str]) -> tuple[dict, list[str]]:
+    """The summary of one run of the config `path` with `over` + `score` (the scored budget, seed 0), its `grids`
+    first tuned on seed 1 by one batched run of (cycles, burn-in, batch) `tune`; and the tuned overrides."""
+    tuned = []
+    if grids:
+        best, _ = tune_on_seed(path, over, grids, cycles=tune[0], burn_in=tune[1], batch=tune[2], seed=1)
+        tuned = [f"{k}={v}" for k, v in best.items()]
+    return run_experiment(load_config(RunConfig, path, over + tuned + score), None), tuned
+
+
 def compute_row(row: Row, b: Budget, threads: int | None, configs: Path = CONFIGS) -> dict:
     th = [f"threads={threads}"] if threads else []
     if row.kind == "run":
-        over, note, tuned = list(row.over), "", []
-        if row.grids:
-            best, _ = tune_on_seed(configs / row.what, th + over, list(row.grids), cycles=b.tune_cycles,
-                                   burn_in=min(300, b.tune_cycles // 3), batch=b.tune_batch, seed=1)
-            tuned = [f"{k}={v}" for k, v in best.items()]
-            over, note = over + tuned, "tuned on seed 1: " + ", ".join(tuned)
-        s = run_experiment(load_config(RunConfig, configs / row.what, th + over + _budget_overrides(b, 0)), None)
-        return s | {"note": note, "tuned": tuned}
+        s, tuned = tuned_and_scored(configs / row.what, th + list(row.over), list(row.grids),
+                                    (b.tune_cycles, min(300, b.tune_cycles // 3), b.tune_batch), _budget_overrides(b, 0))
+        return s | {"note": "tuned on seed 1: " + ", ".join(tuned) if tuned else "", "tuned": tuned}
     path = WEIGHTS / row.what
     if not (path / "model.json").is_file():
         return {"armse": float("nan"), "armse_ci": float("nan"), "cycles_per_s": float("nan"),
@@ -375,13 +381,9 @@ ENKF_GRID = "infl=1.00,1.02,1.04,1.07,1.10,1.15,1.25,1.40"
 def _window_point(file: str, over: list[str], b: WindowBudget, threads: int | None, grid: str | None = None) -> dict:
     """One point of the comparison: tuned on seed 1 (when a grid is given), scored on seed 0."""
     th = [f"threads={threads}"] if threads else []
-    best = {}
-    if grid:
-        best, _ = tune_on_seed(CONFIGS / file, th + over, [grid], cycles=b.tune_cycles,
-                               burn_in=min(b.burn_in, b.tune_cycles // 3), batch=b.batch, seed=1)
-    tuned = [f"{k}={v}" for k, v in best.items()]
-    s = run_experiment(load_config(RunConfig, CONFIGS / file, th + over + tuned + [
-        f"cycles={b.cycles}", f"burn_in={b.burn_in}", f"batch={b.batch}", "seed=0"]), None)
+    s, tuned = tuned_and_scored(CONFIGS / file, th + over, [grid] if grid else [],
+                                (b.tune_cycles, min(b.burn_in, b.tune_cycles // 3), b.batch),
+                                [f"cycles={b.cycles}", f"burn_in={b.burn_in}", f"batch={b.batch}", "seed=0"])
     return s | {"tuned": ", ".join(t.split(".", 1)[1] for t in tuned)}
 
 
