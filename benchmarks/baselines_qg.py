@@ -27,7 +27,7 @@ CFG = ROOT / "configs" / "qg"
 # name, config file, overrides, tuning grids (none: no tuning), published score (none for this setup)
 METHODS = [
     ("LETKF, N=20, tuned radius (km) and inflation", "letkf.yaml", ["filter.N=20"],
-     ["radius=3000,4000,6000", "infl=1.0,1.02,1.05"], "—"),  # 1000,2000 x 1.02,1.1, then 2000..4000 x 1.0,1.02: best on edges
+     ["radius=3000,4000,6000,9000", "infl=1.0,1.02,1.05,1.1"], "—"),  # best 6000 km, 1.05 (docs/results/qg_baselines.md)
     ("local EnKF-N, N=20, xN=1, radius of the LETKF", "letkf.yaml",
      ["filter.N=20", "filter.prior=N", "filter.infl=1.0", "filter.xN=1"], [], "—"),
     ("3D-Var, tuned B scale", "var3d.yaml", [], ["scale=0.02,0.03,0.05,0.07,0.1"], "—"),  # 0.03 of 0.03..0.3 (300 cycles), 0.05 of 0.01..0.05 (600)
