@@ -178,10 +178,10 @@ def test_sparsity_runs_one_network_at_each_fraction(tmp_path):
     assert f"| 0.5 | {r.learned_armse:.3f} ± {r.learned_ci:.3f} | {r.enkf_n_armse:.3f} ± {r.enkf_n_ci:.3f}" in md
 
 
-def test_window_comparison_rows_and_files(tmp_path):
+def test_window_comparison_rows_and_files(tmp_path, monkeypatch):
     """Every point is the same code's run of its config (the IEnKS row equals a direct run of ienks.yaml with
     that lag and Δt), 4D-Var is tuned at each lag, the EnKF and the learned a_θ (Δt 0.05 only) have no window,
-    and the files say the same."""
+    the files say the same, and a rerun into the same folder reuses every classical point."""
     b = rp.WindowBudget(cycles=40, burn_in=10, batch=1, tune_cycles=30, lags=(1, 2), var4d_scales=(0.02, 0.05))
     df = rp.reproduce_window(tmp_path / "out", True, threads=1, progress=False, budget=b)
     assert len(df) == 2 * (1 + 2 * 2) + 1
@@ -198,6 +198,15 @@ def test_window_comparison_rows_and_files(tmp_path):
     md = (tmp_path / "out" / "window.md").read_text()
     assert f"| 0.2 | IEnKS, N 20 | 2 | {ienks.armse:.3f} ± {ienks.armse_ci:.3f} | {ienks.armse_s:.3f} | — |" in md
     assert "nan" not in md
+    # resumed: only the a_θ line (one evaluation) is run again, and the table is the same
+    calls = []
+    real = rp.run_experiment
+    monkeypatch.setattr(rp, "tune_on_seed", lambda *a, **k: pytest.fail("a tuned point was recomputed"))
+    monkeypatch.setattr(rp, "run_experiment", lambda cfg, out: calls.append(cfg.filter.method) or real(cfg, out))
+    again = rp.reproduce_window(tmp_path / "out", True, threads=1, progress=False, budget=b)
+    assert calls == ["learned"]
+    pd.testing.assert_frame_equal(again.drop(columns="cycles_per_s"), df.drop(columns="cycles_per_s"))  # a_θ's timing differs
+    assert (again["cycles_per_s"] == df["cycles_per_s"]).sum() == len(df) - 1
 
 
 def test_nonlinearity_rows_are_the_same_codes_runs(tmp_path, monkeypatch):

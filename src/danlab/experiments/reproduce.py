@@ -391,8 +391,12 @@ def reproduce_window(out: Path, quick: bool, weights: str = "l96_nf40_ne1", thre
                      progress: bool = True, budget: WindowBudget | None = None) -> pd.DataFrame:
     """aRMSE (filtering, and smoothed for the smoothers) of the EnKF (ETKF, N 20, tuned inflation), the IEnKS
     (N 20, -N prior xN 2) and 4D-Var (B scale tuned at each lag) against the window length L, at Δt 0.05 and
-    0.2; the EnKF and the learned a_θ (trained at Δt 0.05 only) have no window: horizontal lines."""
+    0.2; the EnKF and the learned a_θ (trained at Δt 0.05 only) have no window: horizontal lines. Resumable as
+    `reproduce_nonlinearity`: each classical point is kept in out/partial.json as it completes and reused by a rerun
+    into the same folder at the same budget (the a_θ line, a short evaluation, is recomputed)."""
     b = budget or (WINDOW_QUICK if quick else WINDOW_FULL)
+    partial = out / "partial.json"
+    done = {(r["dt"], r["method"], r["lag"]): r for r in _partial_rows(partial, b.__dict__)}
     rows = []
     for dt in WINDOW_DTS:
         model = [f"model.substeps={round(dt / 0.05)}"]
@@ -402,15 +406,22 @@ def reproduce_window(out: Path, quick: bool, weights: str = "l96_nf40_ne1", thre
                          "armse_s": s.get("armse_s", float("nan")), "tuned": s.get("tuned", ""),
                          "diverged": s.get("n_diverged", 0), "experiments": s.get("experiments", 0),
                          "unconverged": s.get("unconverged", 0), "cycles_per_s": s.get("cycles_per_s", float("nan"))})
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(partial, {"budget": b.__dict__, "rows": list(done.values()) + rows})
             if progress:
                 print(f"  Δt {dt} {method} L={lag}: {format_score(s)}"
                       + (f", smoothed {s['armse_s']:.4f}" if "armse_s" in s else "") + f" {s.get('tuned', '')}", flush=True)
 
-        add("EnKF (ETKF), N 20", 0, _window_point("etkf.yaml", model + ["filter.N=20"], b, threads, ENKF_GRID))
+        def point(method, lag, file, over, grid=None):
+            if (dt, method, lag) in done:
+                rows.append(done.pop((dt, method, lag)))
+            else:
+                add(method, lag, _window_point(file, model + over, b, threads, grid))
+
+        point("EnKF (ETKF), N 20", 0, "etkf.yaml", ["filter.N=20"], ENKF_GRID)
         for lag in b.lags:
-            add("IEnKS, N 20", lag, _window_point("ienks.yaml", model + ["filter.N=20", f"filter.lag={lag}"], b, threads))
-            add("4D-Var", lag, _window_point("var4d.yaml", model + [f"filter.lag={lag}"], b, threads,
-                                             "scale=" + ",".join(str(v) for v in b.var4d_scales)))
+            point("IEnKS, N 20", lag, "ienks.yaml", ["filter.N=20", f"filter.lag={lag}"])
+            point("4D-Var", lag, "var4d.yaml", [f"filter.lag={lag}"], "scale=" + ",".join(str(v) for v in b.var4d_scales))
         path = WEIGHTS / weights if not Path(weights).exists() else Path(weights)
         if dt == 0.05 and (path / "model.json").is_file():
             cfg = load_config(RunConfig, data=learned_eval_data(load_net(path)[1].get("trained_with", {}), resolve_net_dir(path),
@@ -478,6 +489,18 @@ def nonlinearity_weights(substeps: int) -> str:
     return "l96_nf40_ne1" if substeps == 1 else f"l96_nf40_dt{substeps * 0.05:.2g}"
 
 
+def _partial_rows(partial: Path, budget: dict) -> list[dict]:
+    """The rows that an earlier call of a resumable study kept in `partial` at the same budget ([] if none)."""
+    if not partial.is_file():
+        return []
+    try:
+        prev = json.loads(partial.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{partial}: not a study's rows ({exc}); remove it to start the study afresh") from None
+    same = isinstance(prev, dict) and prev.get("budget") == json.loads(json.dumps(budget))  # tuples read back as lists
+    return prev["rows"] if same else []
+
+
 def reproduce_nonlinearity(out: Path, quick: bool, threads: int | None = None, progress: bool = True,
                            budget: Budget | None = None, steps: tuple[int, ...] = NONLINEARITY_STEPS,
                            weights: Callable[[int], str] = nonlinearity_weights) -> pd.DataFrame:
@@ -488,14 +511,7 @@ def reproduce_nonlinearity(out: Path, quick: bool, threads: int | None = None, p
     is computed again)."""
     b = budget or (QUICK if quick else NONLINEARITY_FULL)
     partial = out / "partial.json"
-    done = {}  # (Δt, method) -> a row of an earlier call at this budget
-    if partial.is_file():
-        try:
-            prev = json.loads(partial.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{partial}: not a study's rows ({exc}); remove it to start the study afresh") from None
-        if isinstance(prev, dict) and prev.get("budget") == b.__dict__:
-            done = {(r["dt"], r["method"]): r for r in prev["rows"]}
+    done = {(r["dt"], r["method"]): r for r in _partial_rows(partial, b.__dict__)}  # (Δt, method) -> an earlier row
     classical = (("EnKF-N, N 20", "enkf_n.yaml", ["filter.N=20"], XN_GRID),
                  ("IEnKF, N 20, -N prior", "ienkf.yaml", ["filter.N=20", "filter.prior=N", "filter.infl=1.0"], XN_GRID),
                  ("3D-Var", "var3d.yaml", [], NONLINEARITY_VAR3D_GRID))
