@@ -372,8 +372,9 @@ class WindowBudget:
 
 WINDOW_QUICK = WindowBudget(cycles=600, burn_in=150, batch=1, tune_cycles=300, lags=(1, 2, 4),
                             var4d_scales=(0.004, 0.01, 0.03, 0.1))
+# 4D-Var's best B scale falls with the lag: 0.002, the lower edge of the first grid, from lag 8 at Δt 0.05
 WINDOW_FULL = WindowBudget(cycles=3_000, burn_in=500, batch=2, tune_cycles=1_000, lags=(1, 2, 4, 8, 12, 20),
-                           var4d_scales=(0.002, 0.004, 0.007, 0.01, 0.02, 0.04, 0.1, 0.2))
+                           var4d_scales=(0.0003, 0.0006, 0.001, 0.002, 0.004, 0.007, 0.01, 0.02, 0.04, 0.1, 0.2))
 WINDOW_DTS = (0.05, 0.2)  # time between observations; the RK4 step stays 0.05 (DAPPER's setup)
 ENKF_GRID = "infl=1.00,1.02,1.04,1.07,1.10,1.15,1.25,1.40"
 
