@@ -164,7 +164,7 @@ def compute_row(row: Row, b: Budget, threads: int | None, configs: Path = CONFIG
     if row.kind == "run":
         s, tuned = tuned_and_scored(configs / row.what, th + list(row.over), list(row.grids),
                                     (b.tune_cycles, min(300, b.tune_cycles // 3), b.tune_batch), _budget_overrides(b, 0))
-        return s | {"note": "tuned on seed 1: " + ", ".join(tuned) if tuned else "", "tuned": tuned}
+        return s | {"note": ("tuned on seed 1: " + ", ".join(tuned)) if tuned else "", "tuned": tuned}
     path = WEIGHTS / row.what
     if not (path / "model.json").is_file():
         return {"armse": float("nan"), "armse_ci": float("nan"), "cycles_per_s": float("nan"),
@@ -407,8 +407,7 @@ def reproduce_window(out: Path, quick: bool, weights: str = "l96_nf40_ne1", thre
                          "armse_s": s.get("armse_s", float("nan")), "tuned": s.get("tuned", ""),
                          "diverged": s.get("n_diverged", 0), "experiments": s.get("experiments", 0),
                          "unconverged": s.get("unconverged", 0), "cycles_per_s": s.get("cycles_per_s", float("nan"))})
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(partial, {"budget": b.__dict__, "rows": list(done.values()) + rows})
+            _keep_partial(partial, b.__dict__, list(done.values()) + rows)
             if progress:
                 print(f"  Δt {dt} {method} L={lag}: {format_score(s)}"
                       + (f", smoothed {s['armse_s']:.4f}" if "armse_s" in s else "") + f" {s.get('tuned', '')}", flush=True)
@@ -502,6 +501,12 @@ def _partial_rows(partial: Path, budget: dict) -> list[dict]:
     return prev["rows"] if same else []
 
 
+def _keep_partial(partial: Path, budget: dict, rows: list[dict]) -> None:
+    """Write the rows computed so far where `_partial_rows` reads them back (atomically)."""
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    write_json(partial, {"budget": budget, "rows": rows})
+
+
 def reproduce_nonlinearity(out: Path, quick: bool, threads: int | None = None, progress: bool = True,
                            budget: Budget | None = None, steps: tuple[int, ...] = NONLINEARITY_STEPS,
                            weights: Callable[[int], str] = nonlinearity_weights) -> pd.DataFrame:
@@ -524,8 +529,7 @@ def reproduce_nonlinearity(out: Path, quick: bool, threads: int | None = None, p
             rows.append({"dt": dt, "method": method, "armse": res["armse"], "armse_ci": res["armse_ci"],
                          "diverged": res.get("n_diverged", 0), "experiments": res.get("experiments", 0),
                          "tuned": tuned, "note": note, **extra})
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(partial, {"budget": b.__dict__, "rows": list(done.values()) + rows})
+            _keep_partial(partial, b.__dict__, list(done.values()) + rows)
             if progress:
                 print(f"  Δt {dt} {method}: {_cell(rows[-1])} {tuned}", flush=True)
 

@@ -160,11 +160,12 @@ class Var3D(StaticB):
         # a row with fewer pads with unobserved sites, whose rows of A are the identity's): k^3 instead of Nx^3,
         # 500x less for 256 of 2048 sites on the sphere. When some row observes every site, the full system.
         k = int(m.sum(-1).max())
+        HPbHt = Pb
         if k < Nx:
             sites = torch.sort(m, dim=-1, descending=True, stable=True).indices[:, :k]  # (B, k)
             m, d = m.gather(-1, sites), d.gather(-1, sites)
             Pb = Pb.expand(x.shape[0], -1, -1).gather(-1, sites.unsqueeze(-2).expand(-1, Nx, -1))  # B H^T (B, Nx, k)
-        HPbHt = Pb if k == Nx else Pb.gather(-2, sites.unsqueeze(-1).expand(-1, -1, k))
+            HPbHt = Pb.gather(-2, sites.unsqueeze(-1).expand(-1, -1, k))
         A = m.unsqueeze(-1) * HPbHt * m.unsqueeze(-2) + torch.diag_embed(obs.sigma**2 * m + (1 - m))
         z = torch.cholesky_solve(d.unsqueeze(-1), torch.linalg.cholesky(A))
         return (x + (Pb @ (m.unsqueeze(-1) * z)).squeeze(-1)).unsqueeze(-2)
