@@ -310,6 +310,11 @@ def test_observe_is_truth_plus_sigma_noise_on_the_mask(kind, kw):
     noise = rng.randn(Nx, dtype=f64)
     assert o.sigma == sigma and o.y.dtype == f64 and torch.equal(o.mask, mask)
     torch.testing.assert_close(o.y, (x + sigma * noise) * mask, rtol=0, atol=0)
+    # every site observed: H is the identity and its products by the mask are skipped, with the same numbers
+    assert o.full == (kind == "identity") and o.select([2, 0]).full == o.full
+    E = torch.randn(B, 4, Nx, generator=gen(9), dtype=f64)
+    assert torch.equal(o.H(E), E * mask.unsqueeze(-2))
+    assert torch.equal(o.innovation(E), (o.y.unsqueeze(-2) - E) * mask.unsqueeze(-2))
 
 
 # ---------------------------------------------------------------- networks

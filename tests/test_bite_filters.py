@@ -13,7 +13,7 @@ import torch
 
 from danlab.filters import base
 from danlab.filters.base import (Filter, Window, WindowFilter, apply_sym, flag_rows, mean_and_anomalies, per_batch,
-                                 rows_ok, safe_eigh, sanitise, spread, sym_eig_fn, window_run)
+                                 rows_ok, safe_eigh, sanitise, spread, sym_eig_fn, window_run, zero_bad_rows)
 from danlab.filters.ensemble import ETKF, EnKF, EnKF_N, _inflate, dual_inflation, hyperprior
 from danlab.filters.iterative import IEnKF, IEnKS
 from danlab.filters.variational import StaticB, Var3D, Var4D, circulant_average, climatology
@@ -90,11 +90,35 @@ def test_rows_ok_sanitise_and_flag_rows():
     assert torch.equal(f[[0, 2]], t[[0, 2]]) and f[[1, 3]].isnan().all()
 
 
+def test_zero_bad_rows_returns_a_finite_batch_untouched_and_zeroes_only_the_bad_rows():
+    t = torch.arange(24.0, dtype=f64).view(4, 6, 1)
+    all_ok = torch.ones(4, dtype=torch.bool)
+    ok, u = zero_bad_rows(all_ok, t)
+    assert ok is all_ok and u is t  # the usual case: nothing computed
+    t[2, 3, 0] = float("nan")
+    ok, u = zero_bad_rows(torch.tensor([True, False, True, True]), t)
+    assert ok.tolist() == [True, False, False, True]
+    assert torch.equal(u[[0, 3]], t[[0, 3]]) and not u[[1, 2]].any()
+    big = torch.full((2, 3, 1), 1e308, dtype=f64)  # finite, but its sum overflows: the careful path says ok
+    ok, u = zero_bad_rows(torch.ones(2, dtype=torch.bool), big)
+    assert ok.all() and torch.equal(u, big)
+
+
+def test_spread_of_a_stacked_forecast_and_analysis_equals_each_alone():
+    """run_cycles takes both spreads from one (2, B, N, Nx) stack and its means: the same bits as one at a time."""
+    Ef, Ea = (torch.randn(3, 20, 40, generator=gen(s), dtype=f64) * 3 + 1 for s in (4, 5))
+    EE = torch.stack([Ef, Ea])
+    s = spread(EE, EE.mean(-2))
+    assert s.shape == (2, 3) and torch.equal(s[0], spread(Ef)) and torch.equal(s[1], spread(Ea))
+
+
 def test_safe_eigh_and_the_symmetric_functions():
     A = torch.randn(3, 4, 4, generator=gen(2), dtype=f64)
     G = A @ A.mT + 0.1 * torch.eye(4, dtype=f64)
     lam, V, ok = safe_eigh(G)
-    assert ok.all()
+    assert ok.all() and ok.shape == (3,) and ok.dtype == torch.bool
+    lam0, V0 = torch.linalg.eigh(G)  # a finite batch: LAPACK's own numbers
+    assert torch.equal(lam, lam0) and torch.equal(V, V0)
     torch.testing.assert_close(V @ torch.diag_embed(lam) @ V.mT, G, rtol=0, atol=1e-12)
     d = torch.rand(3, 4, generator=gen(3), dtype=f64)
     torch.testing.assert_close(apply_sym(V, d), V @ torch.diag_embed(d) @ V.mT, rtol=0, atol=1e-14)

@@ -132,12 +132,17 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
             carry, Ef, E, Es, n = filt.step(carry, model, obs, filter_rng)
             if Es is not None and k >= n:  # the smoothed state at cycle k - n (time 0 is no cycle)
                 rms_s[k - n] = rmse(Es.mean(-2), truths[-1 - n])
-            # forecast and analysis means in one (2, B, Nx) tensor; a single member is its own mean
-            means = torch.stack([Ef[..., 0, :], E[..., 0, :]] if E.shape[-2] == 1 else [Ef.mean(-2), E.mean(-2)])
+            # forecast and analysis means in one (2, B, Nx) tensor, spreads in one (2, B) (the same numbers as each
+            # ensemble's on its own, in half the tensor calls); a single member is its own mean
+            if E.shape[-2] == 1:
+                means = torch.stack([Ef[..., 0, :], E[..., 0, :]])
+            else:
+                EfE = torch.stack([Ef, E])
+                means = EfE.mean(-2)
             r = rmse(means, x)
             rms[k] = r
             if spr is not None:
-                spr[k, 0], spr[k, 1] = spread(Ef), spread(E)
+                spr[k] = spread(EfE, means)
                 if k >= burn_in:
                     r_k = rank_counts(E, x)
                     ranks.scatter_add_(1, r_k, torch.ones_like(r_k))

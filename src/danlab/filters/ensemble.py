@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from danlab.filters.base import (Filter, apply_sym, centred_normal, flag_rows, mean_and_anomalies, per_batch, rows_ok,
-                                 safe_eigh, sanitise, sym_eig_fn)
+                                 safe_eigh, sanitise, sym_eig_fn, zero_bad_rows)
 from danlab.observations import Obs
 from danlab.rng import BatchRNG
 
@@ -133,7 +133,9 @@ def dual_inflation(lam: torch.Tensor, q: torch.Tensor, eps: torch.Tensor, c: tor
 def _dual_inflation_numpy(lam, q, eps, c, max_iter, tol):
     """`dual_inflation` on CPU tensors, iterated in NumPy (see there)."""
     L, Q = lam.detach().numpy(), q.detach().numpy()
-    eps_, c_ = np.broadcast_arrays(eps.detach().numpy(), c.detach().numpy())
+    eps_, c_ = eps.detach().numpy(), c.detach().numpy()
+    if eps_.shape != c_.shape:
+        eps_, c_ = np.broadcast_arrays(eps_, c_)
     t = np.zeros(eps_.shape, dtype=L.dtype)
     done = np.zeros(t.shape, dtype=bool)
     tiny = np.finfo(L.dtype).tiny
@@ -144,7 +146,8 @@ def _dual_inflation_numpy(lam, q, eps, c, max_iter, tol):
             a = Lu + 1
             g = -(Qu / a**2).sum(-1, keepdims=True) - eps_u + c_
             h = -(Qu * (1 - Lu) / a**3).sum(-1, keepdims=True) + eps_u
-            step = np.clip(np.where(h > 0, g / np.maximum(h, tiny), np.sign(g)), -1.0, 1.0)
+            # clipped to [-1, 1] by minimum and maximum: np.clip's Python wrapper cost more than its arithmetic
+            step = np.minimum(np.maximum(np.where(h > 0, g / np.maximum(h, tiny), np.sign(g)), -1.0), 1.0)
             step = np.where(np.isfinite(step) & ~done, step, 0.0)
             t = t - step
             done = done | (np.abs(step) < tol)
@@ -186,8 +189,7 @@ class EnKF_N(InflatedEnsembleFilter):
         S = obs.H(X) / obs.sigma
         Sd = S @ (obs.innovation(xb) / obs.sigma).unsqueeze(-1)  # (B, N, 1)
         lam, V, ok = safe_eigh(S @ S.mT)  # a row that cannot be decomposed is flagged (NaN) at the end
-        ok = ok & rows_ok(Sd)
-        Sd = sanitise(ok, Sd)
+        ok, Sd = zero_bad_rows(ok, Sd)
         lam = lam.clamp(min=0)
         eps, c = hyperprior(lam, N, self.xN)
         u = dual_inflation(lam, (V.mT @ Sd).squeeze(-1) ** 2 / (N - 1), eps, c)

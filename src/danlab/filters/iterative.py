@@ -40,6 +40,11 @@ def _members(x0: torch.Tensor, X0: torch.Tensor, w: torch.Tensor, T: torch.Tenso
     return (x0 + (w.unsqueeze(-2) @ X0).squeeze(-2)).unsqueeze(-2) + math.sqrt(N - 1) * TX0
 
 
+def _times(t: torch.Tensor, s: float) -> torch.Tensor:
+    """t * s, skipped when s is 1 (the same numbers: SDA, transform variant, sigma 1)."""
+    return t if s == 1.0 else t * s
+
+
 def _rows(value, r: torch.Tensor):
     """A hyperparameter restricted to the batch rows r (a float stays a float)."""
     return value[r.to(value.device)] if isinstance(value, torch.Tensor) else value
@@ -115,8 +120,8 @@ class IEnKS(WindowFilter):
             for l, sb in used:
                 o = obs[l] if full else obs[l].select(r)
                 xl, Xl = mean_and_anomalies(run[l])
-                S.append(o.H(Xl) * (sb / (a * o.sigma)))
-                d.append(o.innovation(xl) * (sb / o.sigma))
+                S.append(_times(o.H(Xl), sb / (a * o.sigma)))
+                d.append(_times(o.innovation(xl), sb / o.sigma))
             S = S[0] if len(S) == 1 else torch.cat(S, -1)
             S = S if it == 0 else rows(Tinv) @ S  # de-conditioned observed anomalies
             lam, V, ok_r = safe_eigh(S @ S.mT)
@@ -125,8 +130,9 @@ class IEnKS(WindowFilter):
             zeta = self._zeta(lam, wr, r)
             d = d[0] if len(d) == 1 else torch.cat(d, -1)
             grad = S @ d.unsqueeze(-1) - zeta.unsqueeze(-1) * wr.unsqueeze(-1)
-            dw = (apply_sym(V, 1.0 / (lam + zeta)) @ grad).squeeze(-1)  # Gauss-Newton step
-            T_r, Tinv_r = apply_sym(V, (lam + zeta).rsqrt()), apply_sym(V, (lam + zeta).sqrt())
+            lz = lam + zeta  # the eigenvalues of the cost's Hessian
+            dw = (apply_sym(V, 1.0 / lz) @ grad).squeeze(-1)  # Gauss-Newton step
+            T_r, Tinv_r = apply_sym(V, lz.rsqrt()), apply_sym(V, lz.sqrt())
             if full:
                 ok, w, T, Tinv = ok & ok_r, wr + dw, T_r, Tinv_r
             else:

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from danlab.filters.base import apply_sym, flag_rows, mean_and_anomalies, rows_ok, safe_eigh, sanitise
+from danlab.filters.base import apply_sym, flag_rows, mean_and_anomalies, safe_eigh, zero_bad_rows
 from danlab.filters.ensemble import InflatedEnsembleFilter, dual_inflation, hyperprior
 from danlab.observations import Obs
 from danlab.rng import BatchRNG
@@ -126,8 +126,7 @@ class LETKF(InflatedEnsembleFilter):
         G = (rho @ outer).view(B * nb, N, N)  # S_i S_i^T for every block i
         Sd = (rho @ (S * d.unsqueeze(-2)).mT).view(B * nb, N, 1)  # S_i d_i
         lam, V, ok = safe_eigh(G)
-        ok = ok & rows_ok(Sd)
-        Sd = sanitise(ok, Sd)
+        ok, Sd = zero_bad_rows(ok, Sd)
         lam = lam.clamp(min=0)
         Xi = X.view(B, N, nb, k).permute(0, 2, 1, 3).reshape(B * nb, N, k)  # each block's anomalies
         if self.prior == "N":  # local EnKF-N: the inflation u_i of each block's prior anomalies, estimated
