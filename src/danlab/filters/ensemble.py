@@ -72,7 +72,7 @@ class ETKF(InflatedEnsembleFilter):
         S = obs.H(X) / obs.sigma
         d = obs.innovation(xb) / obs.sigma
         V, lam = sym_eig_fn(S @ S.mT, lambda l: l.clamp(min=0) + 1.0)
-        w = apply_sym(V, 1.0 / lam) @ (S @ d.unsqueeze(-1))  # (B, N, 1)
+        w = apply_sym(V, lam.reciprocal()) @ (S @ d.unsqueeze(-1))  # (B, N, 1)
         T = apply_sym(V, lam.rsqrt())
         xa = xb + (w.mT @ X).squeeze(-2)
         return xa.unsqueeze(-2) + math.sqrt(N - 1) * (T @ X)
@@ -88,7 +88,7 @@ def hyperprior(lam: torch.Tensor, N: int, xN) -> tuple[torch.Tensor, torch.Tenso
     linear, deterministic systems), xN < 1 less, as if N were smaller.
     """
     eps, c = (N + 1) / N, N / (N - 1)
-    i_kh = (1.0 / (1.0 + lam)).mean(-1, keepdim=True)  # ≈ 1/(1 + H B H^T / R)
+    i_kh = (1.0 + lam).reciprocal().mean(-1, keepdim=True)  # ≈ 1/(1 + H B H^T / R)
     mc = (eps / c) ** (0.5 * i_kh)
     xN = per_batch(xN, lam)
     return xN * eps / mc, xN * c * mc
@@ -195,7 +195,7 @@ class EnKF_N(InflatedEnsembleFilter):
         u = dual_inflation(lam, (V.mT @ Sd).squeeze(-1) ** 2 / (N - 1), eps, c)
         X = u.sqrt().unsqueeze(-1) * X  # the prior anomalies, inflated by the estimated l
         a = lam * u + 1
-        w = u.sqrt().unsqueeze(-1) * (apply_sym(V, 1.0 / a) @ Sd)  # (B, N, 1), coefficients on X
+        w = u.sqrt().unsqueeze(-1) * (apply_sym(V, a.reciprocal()) @ Sd)  # (B, N, 1), coefficients on X
         if self.hess:
             Hw = apply_sym(V, a) - 2 * (w @ w.mT) / ((N - 1) * eps.unsqueeze(-1) + (w * w).sum(-2, keepdim=True))
             T = apply_sym(*sym_eig_fn(Hw, lambda l: l.clamp(min=1e-12).rsqrt()))

@@ -33,11 +33,11 @@ from danlab.observations import Obs
 
 
 def _members(x0: torch.Tensor, X0: torch.Tensor, w: torch.Tensor, T: torch.Tensor | float) -> torch.Tensor:
-    """The ensemble x0 + X0^T w + sqrt(N-1) T X0: mean shifted by w, anomalies transformed by T (a number: T times
-    the identity, the same numbers without the matrix product)."""
+    """The ensemble x0 + X0^T w + sqrt(N-1) T X0 (x0 the mean as (B, 1, Nx)): mean shifted by w, anomalies
+    transformed by T (a number: T times the identity, the same numbers without the matrix product)."""
     N = X0.shape[-2]
-    TX0 = T * X0 if isinstance(T, float) else T @ X0
-    return (x0 + (w.unsqueeze(-2) @ X0).squeeze(-2)).unsqueeze(-2) + math.sqrt(N - 1) * TX0
+    TX0 = _times(X0, T) if isinstance(T, float) else T @ X0
+    return (x0 + w.unsqueeze(-2) @ X0) + math.sqrt(N - 1) * TX0
 
 
 def _times(t: torch.Tensor, s: float) -> torch.Tensor:
@@ -98,6 +98,7 @@ class IEnKS(WindowFilter):
     def window_analysis(self, E: torch.Tensor, model, obs: tuple[Obs, ...], weights: list[float]):
         B, N, _ = E.shape
         x0, X0 = mean_and_anomalies(E)
+        x0 = x0.unsqueeze(-2)
         a = 1.0 if self.variant == "transform" else self.eps
         used = [(l, math.sqrt(b)) for l, b in enumerate(weights) if b > 0]  # the observations assimilated
         w = E.new_zeros(B, N)
@@ -112,7 +113,7 @@ class IEnKS(WindowFilter):
             full = r.numel() == B
             rows = (lambda t: t) if full else (lambda t: t[r])
             # the first iteration's transforms are the identity: its products by T and T^-1 are skipped
-            run = window_run(model, _members(rows(x0), rows(X0), rows(w), a if it == 0 else a * rows(T)), len(obs))
+            run = window_run(model, _members(rows(x0), rows(X0), rows(w), a if it == 0 else _times(rows(T), a)), len(obs))
             if it == 0:
                 xf, Xf = mean_and_anomalies(run[-1])
                 Ef = xf.unsqueeze(-2) + math.sqrt(N - 1) * Xf / a
@@ -131,7 +132,7 @@ class IEnKS(WindowFilter):
             d = d[0] if len(d) == 1 else torch.cat(d, -1)
             grad = S @ d.unsqueeze(-1) - zeta.unsqueeze(-1) * wr.unsqueeze(-1)
             lz = lam + zeta  # the eigenvalues of the cost's Hessian
-            dw = (apply_sym(V, 1.0 / lz) @ grad).squeeze(-1)  # Gauss-Newton step
+            dw = (apply_sym(V, lz.reciprocal()) @ grad).squeeze(-1)  # Gauss-Newton step
             T_r, Tinv_r = apply_sym(V, lz.rsqrt()), apply_sym(V, lz.sqrt())
             if full:
                 ok, w, T, Tinv = ok & ok_r, wr + dw, T_r, Tinv_r

@@ -134,11 +134,11 @@ class LETKF(InflatedEnsembleFilter):
             eps, c = hyperprior(lam, N, xN)
             u = dual_inflation(lam, (V.mT @ Sd).squeeze(-1) ** 2 / (N - 1), eps, c)  # (B nb, 1)
             a = lam * u + 1
-            w = u.sqrt().unsqueeze(-1) * (apply_sym(V, 1.0 / a) @ Sd)
+            w = u.sqrt().unsqueeze(-1) * (apply_sym(V, a.reciprocal()) @ Sd)
             Xi = u.sqrt().unsqueeze(-1) * Xi
         else:
             a = lam + 1
-            w = apply_sym(V, 1.0 / a) @ Sd
+            w = apply_sym(V, a.reciprocal()) @ Sd
         T = apply_sym(V, a.rsqrt())
         xa = xb + (w.mT @ Xi).view(B, Nx)
         A = (T @ Xi).view(B, nb, N, k).permute(0, 2, 1, 3).reshape(B, N, Nx)
