@@ -346,6 +346,16 @@ NOTES = """## What changed (issue 19) and what the figures say
   Xeon (the `src/` of b8c31e4, then of this change; best of 5, another job on the other core): EnKF-N N 20 at B 64
   7.03 → 5.89 ms per cycle. The single-experiment figures moved by less than this machine's run-to-run spread in the
   timed runs (±20 %): compare the tables of this file's history at its two dates.
+- **Fewer tensor calls per analysis, the same numbers (2026-11-30, third change)**: `safe_eigh` and the EnKF-N's
+  and LETKF's innovation check test a whole finite batch in one reduction and go row by row only when that fails;
+  an `Obs` that observes every site skips its products by the all-ones mask; both spreads come from one stack of
+  the forecast and analysis ensembles and their means; 1/x is `x.reciprocal()` (torch's `1.0 / x` is that times 1
+  through a Python wrapper); the IEnKS skips its multiplications by 1; the Newton loop clips with minimum and
+  maximum (np.clip's wrapper cost more than its arithmetic). Top-level torch calls per cycle (torch.profiler, one
+  experiment): EnKF-N N 20 165 → 137, IEnKS lag 1 550 → 440. The per-cycle statistics of 15 methods (every filter,
+  sparse observations, KS, both shipped L96 networks; B 3 × 150 cycles) are equal bit for bit before and after.
+  Interleaved A/B on this Xeon (the `src/` of 0827582, then of this change; median of 6 runs of 1,500 and 600
+  cycles): EnKF-N N 20 B 1 1.04 → 0.85 ms per cycle, IEnKS lag 1 3.17 → 2.68 ms.
 - Tried and left out: `torch.compile` of the inference path (gcc is here, but 230 s to compile under this load and
   ~10 % faster: not worth it); exact GELU as erf arithmetic (no faster); a 2-thread split of the batched `eigh`
   (no gain on 2 busy cores); fusing the EnKF-N's mean and anomaly products (breaks the bit-exact independence of a
@@ -361,21 +371,25 @@ NOTES = """## What changed (issue 19) and what the figures say
   forward is 0.6–0.85 ms from run to run (27 convolutions of 40 filters, kernel 5: 17 MFLOP; 27 products of ~8 µs,
   27 gathers of ~5 µs, 21 activations of ~3 µs and the Python between them); the truth and observations take
   0.06–0.09 ms and the forecast 0.03–0.05 ms since the model runs in NumPy (0.15 and 0.12 ms before), and the EnKF-N
-  with N 40 takes 1.3–1.45 ms in all. The network's calls alone (~0.45 ms) keep the ratio above 0.5 at Nx 40: ≤ 0.5
+  with N 40 takes 1.3–1.45 ms in all (0.92 ms after the third change above, which speeds up the ensemble filters far
+  more than the a_θ cycle: the ratio at Nx 40 went from 0.76 to 0.97). The network's calls alone (~0.45 ms) keep the ratio above 0.5 at Nx 40: ≤ 0.5
   needs fewer calls than one per layer (a compiled or traced graph, with its own costs; see "Not done") or a smaller
   network. At Nx 160 the network's arithmetic (69 MFLOP) alone is ~0.3 of the EnKF-N(160)'s whole cycle (~4 ms):
   ≤ 0.1× is not reachable by code for this network on this CPU.
-- **Why the DAPPER targets are missed**: at B 1 danlab's EnKF-N (N 20) cycle is ~1.0–1.1 ms, DAPPER's 2.4–3.1 ms in
-  the timed runs on this machine (its own loop, NumPy on one state, varies as much as danlab's between runs): 2.1×
-  before the NumPy model (DAPPER 2.38 ms, danlab 1.13 ms), 3.1× and 3.0× in two runs after it (DAPPER 3.10 and
-  3.01 ms, danlab 1.01 and 1.02 ms), so about a third of that gain is danlab's and the rest DAPPER's slower runs;
-  1.7× and 2.6× in earlier runs on a 2-core AVX2 EPYC. Of danlab's ~1 ms: the truth, observations and forecast ~0.1 ms, the EnKF-N's dual-cost Newton iterations
-  ~0.14 ms (about 4 iterations of ~20 NumPy calls on (1, 20) arrays), the 20 × 20 eigendecomposition with its
-  checks ~0.09 ms, the rest ~40 small torch calls (~3–5 µs each) and the statistics. 4× against DAPPER's faster runs
-  needs ≤ 0.6 ms: the torch calls of the analysis would have to go, which the bit-exact constraint (every stored
-  score) rules out for NumPy's own linear algebra (another BLAS, other round-off). At B 64 the 64 LAPACK
-  eigendecompositions of 20 × 20 (~33 µs each, one after another inside torch.linalg.eigh, ~2.1 ms) are the largest
-  part of the cycle. The next lever there: an eigensolver batched across matrices (e.g. Jacobi sweeps on the whole
+- **The DAPPER targets** (2-core AVX-512 Xeon): at B 1 danlab's EnKF-N (N 20) cycle was ~1.0–1.1 ms and DAPPER's
+  2.4–3.1 ms in the timed runs on this machine (its own loop, NumPy on one state, varies as much as danlab's between
+  runs): 2.1× before the NumPy model, 3.1× and 3.0× after it; 1.7× and 2.6× in earlier runs on a 2-core AVX2 EPYC.
+  After the third change above, two runs of this script on 2026-11-30 (other jobs paused): danlab 0.79 and 0.75 ms,
+  DAPPER 2.97 and 3.46 ms (the faster of its two runs each time): 3.8× and 4.6× (4.0× and 4.8× like for like).
+  `benchmarks/dapper_reference.py`, whose danlab figure is the median of three 2,000-cycle `danlab run`s (rank
+  histogram included) against DAPPER's mean over three 10,000-cycle runs, says 3.3× the same afternoon. So one
+  experiment is at the 4× target in this script's protocol, by a margin smaller than DAPPER's run-to-run spread, and
+  below it in the other. Of danlab's ~0.75 ms: the truth, observations and forecast ~0.1 ms, the dual-cost Newton
+  iterations ~0.13 ms (about 4 iterations of ~30 NumPy calls on (1, 20) arrays), the 20 × 20 eigendecomposition
+  ~0.06 ms, ~100 other small torch calls. More needs NumPy's own linear algebra for the analysis (another BLAS,
+  other round-off: every stored score would change). At B 64 the 64 LAPACK eigendecompositions of 20 × 20 (~33 µs
+  each, one after another inside torch.linalg.eigh, ~2.1 ms) are the largest part of the cycle: 41× in the second
+  run against 50×. The next lever there: an eigensolver batched across matrices (e.g. Jacobi sweeps on the whole
   batch) or the eigh split across processes.
 """
 

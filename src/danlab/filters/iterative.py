@@ -113,7 +113,8 @@ class IEnKS(WindowFilter):
             full = r.numel() == B
             rows = (lambda t: t) if full else (lambda t: t[r])
             # the first iteration's transforms are the identity: its products by T and T^-1 are skipped
-            run = window_run(model, _members(rows(x0), rows(X0), rows(w), a if it == 0 else _times(rows(T), a)), len(obs))
+            Tr = a if it == 0 else _times(rows(T), a)
+            run = window_run(model, _members(rows(x0), rows(X0), rows(w), Tr), len(obs))
             if it == 0:
                 xf, Xf = mean_and_anomalies(run[-1])
                 Ef = xf.unsqueeze(-2) + math.sqrt(N - 1) * Xf / a
