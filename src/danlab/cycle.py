@@ -132,20 +132,20 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
             carry, Ef, E, Es, n = filt.step(carry, model, obs, filter_rng)
             if Es is not None and k >= n:  # the smoothed state at cycle k - n (time 0 is no cycle)
                 rms_s[k - n] = rmse(Es.mean(-2), truths[-1 - n])
-            # forecast and analysis means in one (2, B, Nx) tensor, spreads in one (2, B) (the same numbers as each
-            # ensemble's on its own, in half the tensor calls); a single member is its own mean
+            # forecast and analysis means in one (2, B, Nx) tensor; a single member is its own mean (and has no
+            # spreads or ranks: spr and ranks exist for N > 1 only). An ensemble's two spreads come from the same
+            # stack, in one (2, B) tensor: the same numbers as each ensemble's on its own, in half the tensor calls
             if E.shape[-2] == 1:
                 means = torch.stack([Ef[..., 0, :], E[..., 0, :]])
             else:
                 EfE = torch.stack([Ef, E])
                 means = EfE.mean(-2)
-            r = rmse(means, x)
-            rms[k] = r
-            if spr is not None:
                 spr[k] = spread(EfE, means)
                 if k >= burn_in:
                     r_k = rank_counts(E, x)
                     ranks.scatter_add_(1, r_k, torch.ones_like(r_k))
+            r = rmse(means, x)
+            rms[k] = r
             bad = lost(r[1], threshold)
             if bool(bad.any()):
                 # restart from the truth (from 0 where the truth itself is not finite: it never spreads to the others)
