@@ -30,10 +30,11 @@ def per_batch(value, E: torch.Tensor):
 
 
 def mean_and_anomalies(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ensemble mean (B, Nx) and normalised anomalies X = (E - mean)/sqrt(N-1), (B, N, Nx)."""
+    """Ensemble mean (B, Nx) and normalised anomalies X = (E - mean)/sqrt(N-1), (B, N, Nx); E a tensor or a NumPy
+    array (the IEnKS iterates in NumPy)."""
     N = E.shape[-2]
-    xb = E.mean(-2)
-    return xb, (E - xb.unsqueeze(-2)) / math.sqrt(max(N - 1, 1))
+    xb = E.mean(-2, keepdims=True)
+    return xb.squeeze(-2), (E - xb) / math.sqrt(max(N - 1, 1))
 
 
 def spread(E: torch.Tensor, xb: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,8 +142,8 @@ def sym_eig_fn(G: torch.Tensor, fn) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_sym(V: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """V diag(d) V^T for batches."""
-    return (V * d.unsqueeze(-2)) @ V.mT
+    """V diag(d) V^T for batches (tensors or NumPy arrays)."""
+    return (V * d[..., None, :]) @ V.mT
 
 
 class Filter(BaseModel):

@@ -85,10 +85,11 @@ def hyperprior(lam: torch.Tensor, N: int, xN) -> tuple[torch.Tensor, torch.Tenso
     prior inflation is then corrected towards 1 as in eq. 36 of Bocquet, Raanes & Hannart (2015), by a
     factor that depends on how much the observations constrain the ensemble (mean of 1/(1 + lam) over the
     N eigenvalues lam of S S^T). Both are finally multiplied by xN: xN > 1 trusts the hyperprior more (more
-    linear, deterministic systems), xN < 1 less, as if N were smaller.
+    linear, deterministic systems), xN < 1 less, as if N were smaller. lam: a tensor, or a NumPy array (the IEnKS
+    iterates in NumPy; xN then a float or a NumPy array of shape (B, 1)).
     """
     eps, c = (N + 1) / N, N / (N - 1)
-    i_kh = (1.0 + lam).reciprocal().mean(-1, keepdim=True)  # ≈ 1/(1 + H B H^T / R)
+    i_kh = (1.0 / (1.0 + lam)).mean(-1, keepdims=True)  # ≈ 1/(1 + H B H^T / R)
     mc = (eps / c) ** (0.5 * i_kh)
     xN = per_batch(xN, lam)
     return xN * eps / mc, xN * c * mc
