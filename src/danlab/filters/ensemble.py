@@ -89,7 +89,9 @@ def hyperprior(lam: torch.Tensor, N: int, xN) -> tuple[torch.Tensor, torch.Tenso
     iterates in NumPy; xN then a float or a NumPy array of shape (B, 1)).
     """
     eps, c = (N + 1) / N, N / (N - 1)
-    i_kh = (1.0 / (1.0 + lam)).mean(-1, keepdims=True)  # ≈ 1/(1 + H B H^T / R)
+    a = 1.0 + lam
+    # 1/a: torch's `1.0 / a` is a.reciprocal() times 1 through a slow Python wrapper (3x the call)
+    i_kh = (a.reciprocal() if isinstance(a, torch.Tensor) else 1.0 / a).mean(-1, keepdims=True)  # ≈ 1/(1 + H B H^T / R)
     mc = (eps / c) ** (0.5 * i_kh)
     xN = per_batch(xN, lam)
     return xN * eps / mc, xN * c * mc
