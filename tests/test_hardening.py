@@ -219,11 +219,9 @@ def test_a_blow_up_inside_a_filter_is_flagged_not_a_crash(name):
         return run_cycles(filt, model, twin, 40, 10, 3, ids=ids)
     ref, bad = go(L96), go(BlowUp(L96, row=1, at=20))
     assert bad.diverged.tolist() == [False, True, False] and 0 <= bad.diverged_at[1] <= 20
-    for b in (0, 2):
-        if name in ("enkf", "etkf", "enkf_n"):  # the healthy rows are computed exactly as without the blow-up
-            assert np.array_equal(bad.rmse_a[b], ref.rmse_a[b]) and np.array_equal(bad.spread_a[b], ref.spread_a[b])
-        else:  # iterations that stop on the whole batch's convergence: equal up to round-off
-            np.testing.assert_allclose(bad.rmse_a[b], ref.rmse_a[b], rtol=0, atol=1e-9)
+    for b in (0, 2):  # the healthy rows are computed exactly as without the blow-up (the IEnKF's too, since its
+        # Gauss-Newton loop runs in NumPy, whose stacked products work matrix by matrix)
+        assert np.array_equal(bad.rmse_a[b], ref.rmse_a[b]) and np.array_equal(bad.spread_a[b], ref.spread_a[b])
     assert np.isfinite(bad.scores()["armse"])
 
 
