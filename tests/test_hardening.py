@@ -419,6 +419,9 @@ def test_scores_for_people():
                          "diverged": True}) == "diverged (3 of 4)"
     from danlab.experiments.reproduce import _cell
     assert _cell({"armse": float("nan"), "armse_ci": float("nan"), "note": "no weights"}) == "no weights"
+    # a table's cell says when some experiments were lost: the score is then that of the others only
+    assert _cell({"armse": 0.4448, "armse_ci": 0.0021, "diverged": 1, "experiments": 4}, 3) == "0.445 ± 0.002 (1 of 4 diverged)"
+    assert _cell({"armse": 0.4448, "armse_ci": 0.0021, "diverged": 0, "experiments": 4}, 3) == "0.445 ± 0.002"
 
 
 def test_rmse_plot_labels_and_counts(tmp_path, monkeypatch):

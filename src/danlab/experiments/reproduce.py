@@ -201,19 +201,20 @@ def reproduce_table(quick: bool, out: Path, threads: int | None = None, progress
 
 
 def _cell(r: dict, digits: int = 4) -> str:
-    """A row's score: "0.190 ± 0.002", "diverged (k of n)", or "no weights" when nothing was run."""
+    """A row's score: "0.190 ± 0.002", followed by "(k of n diverged)" when k of its n experiments lost the truth
+    and the others were scored; "diverged (k of n)" when all were lost; "no weights" when nothing was run."""
     if not r.get("experiments") and r.get("armse") != r.get("armse"):
         return "no weights"
-    return format_score({"armse": r.get("armse"), "armse_ci": r.get("armse_ci"), "n_diverged": r.get("diverged"),
-                         "experiments": r.get("experiments")}, digits)
+    k = r.get("diverged")
+    lost = f" ({int(k)} of {int(r['experiments'])} diverged)" if k and r.get("armse") == r.get("armse") else ""
+    return format_score({"armse": r.get("armse"), "armse_ci": r.get("armse_ci"), "n_diverged": k,
+                         "experiments": r.get("experiments")}, digits) + lost
 
 
 def table_markdown(df: pd.DataFrame, b: Budget, table: Table = TABLES["l96"]) -> str:
     lines = [f"| method | {table.published} | danlab aRMSE ± 95% CI | notes |", "|---|---|---|---|"]
     for r in df.to_dict("records"):
         ours = _cell(r, 3)
-        if r.get("diverged") and r["armse"] == r["armse"]:
-            ours += f" ({int(r['diverged'])} of {int(r['experiments'])} diverged)"
         r = pd.Series(r)
         paper = "—" if pd.isna(r["paper"]) else f"{r['paper']:g}"
         lines.append(f"| {r['method']} | {paper} | {ours} | {r['note']} |")
@@ -346,8 +347,8 @@ def sparsity_markdown(rows: list[dict], b: Budget, weights: Path | str) -> str:
     lines = ["| observed fraction | a_θ (one network) | EnKF-N, N = 20 (xN tuned on seed 1) | a_θ / EnKF-N |",
              "|---|---|---|---|"]
     for r in rows:
-        cells = [format_score({"armse": r[f"{k}_armse"], "armse_ci": r[f"{k}_ci"], "n_diverged": r[f"{k}_diverged"],
-                               "experiments": b.batch}, 3) for k in ("learned", "enkf_n")]
+        cells = [_cell({"armse": r[f"{k}_armse"], "armse_ci": r[f"{k}_ci"], "diverged": r[f"{k}_diverged"],
+                        "experiments": b.batch}, 3) for k in ("learned", "enkf_n")]
         ratio = f"{r['ratio']:.2f}" if r["ratio"] == r["ratio"] else "—"  # a fully diverged side has no aRMSE
         untuned = "" if r.get("enkf_n_tuned", True) else ", untuned: every xN of the grid lost the truth on seed 1"
         lines.append(f"| {r['fraction']:g} | {cells[0]} | {cells[1]} (xN {r['enkf_n_xN']:g}{untuned}) | {ratio} |")
@@ -439,8 +440,7 @@ def reproduce_window(out: Path, quick: bool, weights: str = "l96_nf40_ne1", thre
 def _window_markdown(df: pd.DataFrame, b: WindowBudget) -> str:
     lines = ["| Δt | method | L | aRMSE ± 95% CI | smoothed aRMSE | tuned |", "|---|---|---|---|---|---|"]
     for r in df.to_dict("records"):
-        cell = format_score({"armse": r["armse"], "armse_ci": r["armse_ci"], "n_diverged": r["diverged"],
-                             "experiments": r["experiments"]}, 3)
+        cell = _cell(r, 3)
         sm = f"{r['armse_s']:.3f}" if r["armse_s"] == r["armse_s"] else "—"
         lines.append(f"| {r['dt']} | {r['method']} | {r['lag'] or '—'} | {cell} | {sm} | {r['tuned'] or '—'} |")
     return ("\n".join(lines) + f"\n\nLorenz 96 (Nx 40, F 8, RK4 step 0.05, H = I, R = I), Δt between observations "
