@@ -356,6 +356,16 @@ NOTES = """## What changed (issue 19) and what the figures say
   sparse observations, KS, both shipped L96 networks; B 3 × 150 cycles) are equal bit for bit before and after.
   Interleaved A/B on this Xeon (the `src/` of 0827582, then of this change; median of 6 runs of 1,500 and 600
   cycles): EnKF-N N 20 B 1 1.04 → 0.85 ms per cycle, IEnKS lag 1 3.17 → 2.68 ms.
+- **The IEnKS's Gauss–Newton loop in NumPy (2026-11-30, fourth change; issue 16)**: its algebra on (B, N, Nx)
+  ensembles and (B, N, N) matrices runs in NumPy on the CPU, the model alone on its device as tensors (zero-copy
+  views between the two on a CPU), `eigh` through torch (MKL: 58 µs against NumPy's 82 µs for 20 × 20 here), with
+  finiteness checked in NumPy and `safe_eigh`'s row-by-row path kept for a bad batch. A NumPy call on these arrays
+  costs ~1–1.5 µs against ~4–5 µs for a torch call, and an iteration is a few dozen of them. Its numbers change at
+  round-off (NumPy's OpenBLAS against torch's MKL for the products), so every stored IEnKF/IEnKS score was rerun;
+  the other filters are unchanged to the bit (the 10 other methods of the check above). Interleaved A/B on this Xeon,
+  background jobs paused (the `src/` of 196f500, then of this change; median of 6 runs of 600 cycles): IEnKS lag 1
+  (the IEnKF, -N prior) 2.79 → 1.61 ms per cycle (1.73 ×); EnKF-N 0.89 → 0.94 ms (within this machine's run-to-run
+  spread; its code gained one call, the hyperprior's 1/x written for both array kinds).
 - Tried and left out: `torch.compile` of the inference path (gcc is here, but 230 s to compile under this load and
   ~10 % faster: not worth it); exact GELU as erf arithmetic (no faster); a 2-thread split of the batched `eigh`
   (no gain on 2 busy cores); fusing the EnKF-N's mean and anomaly products (breaks the bit-exact independence of a
