@@ -115,7 +115,7 @@ class IEnKS(WindowFilter):
     def window_analysis(self, E: torch.Tensor, model, obs: tuple[Obs, ...], weights: list[float]):
         # The Gauss-Newton algebra, on (B, N, Nx) ensembles and (B, N, N) matrices, runs in NumPy on the CPU (only
         # the model runs on its device, as tensors): it is a few dozen small operations per iteration, where a torch
-        # call costs several times its arithmetic (this halved the IEnKF's time per cycle, measured on a 2-core
+        # call costs several times its arithmetic (the IEnKF's time per cycle fell by 40 %, measured on a 2-core
         # AVX-512 Xeon: see docs/results/filter_speed.md).
         B, N, _ = E.shape
         tensor = lambda a: torch.from_numpy(a).to(E.device)  # noqa: E731
