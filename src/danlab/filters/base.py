@@ -207,6 +207,8 @@ class Window:
     E: torch.Tensor
     obs: tuple[Obs, ...] = ()
     unconverged: torch.Tensor | None = None  # (B,) analyses whose iterations had not converged, so far
+    pending: int = 0  # the newest observations of `obs` not assimilated yet (shift S > 1: an analysis every S)
+    current: torch.Tensor | None = None  # the latest estimate, at the newest time (None: E, at time 0)
 
 
 class WindowFilter(Filter):
@@ -228,16 +230,35 @@ class WindowFilter(Filter):
     The filtering analysis at t_k is the analysed ensemble at t_{k-L} run through the window by the model;
     its first cycle is the next window's prior. The smoothed ensemble at t_{k-L} is returned once the
     window is full.
+
+    Shift S > 1 (SDA only; DAPPER's iEnKS has S = 1 only): the window slides by S cycles and is analysed every S
+    cycles, when it holds S new observations, assimilated together (beta = 1 for those S, 0 for the older ones).
+    In between, the estimate at each new time is the forecast of the last analysis (nothing newer is known in real
+    time), so the filtering scores mix analyses and forecasts of up to S - 1 cycles; the smoothed ensemble is the
+    one at the window start t_{k-L} of each analysis, scored every S cycles. Its cost per cycle is about 1/S that
+    of S = 1 at the same lag.
     """
 
     lag: int = Field(1, ge=1, description="length L of the data-assimilation window, in cycles")
     mda: bool = Field(False, description="multiple data assimilation (each observation in L windows, 1/L each)")
+    shift: int = Field(1, ge=1, description="cycles S the window slides between analyses (S <= L; S > 1: SDA only)")
+
+    @model_validator(mode="after")
+    def _check_shift(self):
+        if self.shift > self.lag:
+            raise ValueError(f"filter.shift must be <= filter.lag (got shift={self.shift}, lag={self.lag}): the window "
+                             "would skip observations")
+        if self.shift > 1 and self.mda:
+            raise ValueError(f"filter.shift={self.shift} needs SDA (filter.mda false): MDA's weights for a window "
+                             "shifted by more than one cycle are not implemented")
+        return self
 
     def start(self, E: torch.Tensor) -> Window:
         return Window(E)
 
     def restart(self, carry: Window, bad: torch.Tensor, x: torch.Tensor) -> Window:
-        return Window(super().restart(carry.E, bad, x), carry.obs, carry.unconverged)
+        current = None if carry.current is None else super().restart(carry.current, bad, x)
+        return Window(super().restart(carry.E, bad, x), carry.obs, carry.unconverged, carry.pending, current)
 
     def cycle(self, E: torch.Tensor, model, obs: Obs, rng: BatchRNG) -> tuple[torch.Tensor, torch.Tensor]:
         if self.lag != 1:
@@ -247,16 +268,22 @@ class WindowFilter(Filter):
 
     def step(self, carry: Window, model, obs: Obs, rng: BatchRNG):
         seq = carry.obs + (obs,)
-        n, L = len(seq), self.lag
+        n, L, S = len(seq), self.lag, self.shift
+        if carry.pending + 1 < S:  # no analysis this cycle (S > 1): the estimate is the last one's forecast
+            Ef = model(carry.E if carry.current is None else carry.current)
+            return Window(carry.E, seq, carry.unconverged, carry.pending + 1, Ef), Ef, Ef, None, 0
         E0 = self.window_prior(carry.E)
-        weights = [1.0 / L] * n if self.mda else [0.0] * (n - 1) + [1.0]
+        weights = [1.0 / L] * n if self.mda else [0.0] * (n - S) + [1.0] * S
         Ef, E0a, run, converged = self.window_analysis(E0, model, seq, weights)
         unconverged = (0 if carry.unconverged is None else carry.unconverged) + (~converged).long()
         Ea, Es = run[-1], E0a
         if self.mda and L > 1:
             _, Es, balanced, converged = self.window_analysis(E0, model, seq, [(L - n + l) / L for l in range(1, n + 1)])
             Ea, unconverged = balanced[-1], unconverged + (~converged).long()
-        nxt = Window(run[0], seq[1:], unconverged) if n == L else Window(E0a, seq, unconverged)
+        # the window slides by the d oldest cycles, so that it holds L observations after the next S (d = 1 once
+        # full for S = 1); while it grows from time 0 its start stays there
+        d = max(0, n - (L - S))
+        nxt = Window(run[d - 1], seq[d:], unconverged, 0, Ea) if d else Window(E0a, seq, unconverged, 0, Ea)
         return nxt, Ef, Ea, (Es if n == L else None), n
 
     def window_prior(self, E: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ def _eigh(G: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 class IEnKS(WindowFilter):
-    """Iterative EnKS, Gauss-Newton in ensemble space over a window of `lag` cycles (shift 1, SDA or MDA:
+    """Iterative EnKS, Gauss-Newton in ensemble space over a window of `lag` cycles (shift `shift`, SDA or MDA:
     see `base.WindowFilter`), batched over B.
 
     prior: "infl" uses the Gaussian prior N(0, I) on w, with the multiplicative inflation `infl` of the

@@ -192,7 +192,7 @@ def observation_jacobian(model, x0: torch.Tensor, obs: tuple[Obs, ...], used: li
 
 
 class Var4D(WindowFilter, StaticB):
-    """Strong-constraint 4D-Var over a window of `lag` cycles, shift 1 (SDA or MDA: see `base.WindowFilter`),
+    """Strong-constraint 4D-Var over a window of `lag` cycles, shifted by `shift` (SDA or MDA: see `base.WindowFilter`),
     with the static B = scale * C of `StaticB`, cycled: the background at the window start is the previous
     window's analysis run one cycle by the model.
 
