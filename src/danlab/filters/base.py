@@ -212,8 +212,8 @@ class Window:
 
 
 class WindowFilter(Filter):
-    """A smoother over a data-assimilation window of `lag` cycles, shifted by one cycle (S = 1) at every
-    cycle (Bocquet & Sakov 2014). The window [t_{k-L}, t_k] holds the observations y_{k-L+1}, ..., y_k and
+    """A smoother over a data-assimilation window of `lag` cycles, shifted by one cycle (S = 1, the default; S > 1
+    below) at every cycle (Bocquet & Sakov 2014). The window [t_{k-L}, t_k] holds the observations y_{k-L+1}, ..., y_k and
     the prior (background) at t_{k-L}; the analysis of the window (`window_analysis`) weighs the
     observation l cycles into it by beta_l:
 
