@@ -116,7 +116,8 @@ def test_shifted_ienks_and_var4d_on_lorenz96_cost_less_per_cycle():
         scores[S] = (res.scores(), model.calls)
     (s1, c1), (s2, c2) = scores[1], scores[2]
     assert s2["armse"] < 0.35 and s2["armse_s"] < s2["armse"] and not s2["n_diverged"]
-    assert c2 < 0.65 * c1
+    assert abs(s2["armse_s"] - s1["armse_s"]) < 0.1 * s1["armse_s"]  # the same smoothing (measured 0.128, 0.128)
+    assert c2 < 0.65 * c1  # measured 0.57
     twin = TwinStream(L96, Observer(L96.Nx), 1, seed=0, ids=[0], spinup_time=5.0)
     v = run_cycles(Var4D(lag=2, shift=2, scale=0.01).prepare(L96, Observer(L96.Nx), f64, "cpu"), L96, twin, 120, 30, 0,
                    ids=[0]).scores()
