@@ -66,17 +66,18 @@ def test_ienks_is_the_kalman_filter_and_smoother_on_a_linear_model(kw):
     assert smoothed == 12 - filt.lag
 
 
-@pytest.mark.parametrize("L, S", [(2, 2), (3, 2), (4, 4), (5, 2)])
-def test_shifted_ienks_is_the_kalman_filter_every_S_cycles_and_its_forecast_between(L, S):
+@pytest.mark.parametrize("L, S, mda", [(2, 2, False), (3, 2, False), (4, 4, False), (5, 2, False), (4, 2, True),
+                                       (6, 3, True), (4, 4, True)])
+def test_shifted_ienks_is_the_kalman_filter_every_S_cycles_and_its_forecast_between(L, S, mda):
     """Shift S: every S cycles one analysis assimilates the S new observations at once. On a linear model that is the
     Kalman filter's analysis at those cycles (the same information), in between the forecast of the Kalman analysis
     of the last such cycle, and the smoothed mean at the window start t_{k-L} the Kalman smoother's; a full window
-    holds L observations."""
+    holds L observations. MDA too (each observation in L/S windows with weight S/L, and the balancing analysis)."""
     model = linear_model()
     twin = TwinStream(model, subset_observer(), 1, seed=0, ids=[0])
     m, P = torch.zeros(NX, dtype=f64), 2.0 * torch.eye(NX, dtype=f64)
     m0, P0 = m.clone(), P.clone()
-    filt = IEnKS(N=NX + 2, lag=L, shift=S)
+    filt = IEnKS(N=NX + 2, lag=L, shift=S, mda=mda)
     carry = filt.start(ensemble_with_moments(m, P, NX + 2).unsqueeze(0))
     rng = BatchRNG(0, "filter", 1, [0])
     ys, smoothed = [], 0
@@ -125,7 +126,7 @@ def test_shifted_ienks_and_var4d_on_lorenz96_cost_less_per_cycle():
 
 
 @pytest.mark.parametrize("kw, text", [(dict(lag=2, shift=3), "filter.shift must be <= filter.lag"),
-                                      (dict(lag=4, shift=2, mda=True), "needs SDA"),
+                                      (dict(lag=5, shift=2, mda=True), "needs filter.lag a multiple of it"),
                                       (dict(lag=2, shift=0), "shift")])
 def test_bad_shift_is_refused(kw, text):
     with pytest.raises(ValueError, match=text):

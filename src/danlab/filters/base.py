@@ -231,8 +231,10 @@ class WindowFilter(Filter):
     its first cycle is the next window's prior. The smoothed ensemble at t_{k-L} is returned once the
     window is full.
 
-    Shift S > 1 (SDA only; DAPPER's iEnKS has S = 1 only): the window slides by S cycles and is analysed every S
-    cycles, when it holds S new observations, assimilated together (beta = 1 for those S, 0 for the older ones).
+    Shift S > 1 (DAPPER's iEnKS has S = 1 only): the window slides by S cycles and is analysed every S cycles, when
+    it holds S new observations. SDA assimilates those S together (beta = 1 for them, 0 for the older ones); MDA (L a
+    multiple of S) every observation of the window with beta = S/L, each being in L/S windows, and balances an
+    observation l cycles into the window, already assimilated (n - l) // S times, with 1 - ((n - l) // S) S/L.
     In between, the estimate at each new time is the forecast of the last analysis (nothing newer is known in real
     time), so the filtering scores mix analyses and forecasts of up to S - 1 cycles; the smoothed ensemble is the
     one at the window start t_{k-L} of each analysis, scored every S cycles. Its cost per cycle is about 1/S that
@@ -241,16 +243,16 @@ class WindowFilter(Filter):
 
     lag: int = Field(1, ge=1, description="length L of the data-assimilation window, in cycles")
     mda: bool = Field(False, description="multiple data assimilation (each observation in L windows, 1/L each)")
-    shift: int = Field(1, ge=1, description="cycles S the window slides between analyses (S <= L; S > 1: SDA only)")
+    shift: int = Field(1, ge=1, description="cycles S the window slides between analyses (S <= L; MDA: L a multiple of S)")
 
     @model_validator(mode="after")
     def _check_shift(self):
         if self.shift > self.lag:
             raise ValueError(f"filter.shift must be <= filter.lag (got shift={self.shift}, lag={self.lag}): the window "
                              "would skip observations")
-        if self.shift > 1 and self.mda:
-            raise ValueError(f"filter.shift={self.shift} needs SDA (filter.mda false): MDA's weights for a window "
-                             "shifted by more than one cycle are not implemented")
+        if self.mda and self.lag % self.shift:
+            raise ValueError(f"filter.mda with filter.shift={self.shift} needs filter.lag a multiple of it (got "
+                             f"lag={self.lag}): each observation is assimilated in lag/shift windows")
         return self
 
     def start(self, E: torch.Tensor) -> Window:
@@ -273,12 +275,14 @@ class WindowFilter(Filter):
             Ef = model(carry.E if carry.current is None else carry.current)
             return Window(carry.E, seq, carry.unconverged, carry.pending + 1, Ef), Ef, Ef, None, 0
         E0 = self.window_prior(carry.E)
-        weights = [1.0 / L] * n if self.mda else [0.0] * (n - S) + [1.0] * S
+        weights = [S / L] * n if self.mda else [0.0] * (n - S) + [1.0] * S
         Ef, E0a, run, converged = self.window_analysis(E0, model, seq, weights)
         unconverged = (0 if carry.unconverged is None else carry.unconverged) + (~converged).long()
         Ea, Es = run[-1], E0a
         if self.mda and L > 1:
-            _, Es, balanced, converged = self.window_analysis(E0, model, seq, [(L - n + l) / L for l in range(1, n + 1)])
+            # what the prior still lacks of each observation: 1 - ((n - l) // S) S/L, i.e. (L - n + l)/L for S = 1
+            lack = [(L - (n - l) // S * S) / L for l in range(1, n + 1)]
+            _, Es, balanced, converged = self.window_analysis(E0, model, seq, lack)
             Ea, unconverged = balanced[-1], unconverged + (~converged).long()
         # the window slides by the d oldest cycles, so that it holds L observations after the next S (d = 1 once
         # full for S = 1); while it grows from time 0 its start stays there
