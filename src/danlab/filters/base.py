@@ -242,7 +242,7 @@ class WindowFilter(Filter):
     """
 
     lag: int = Field(1, ge=1, description="length L of the data-assimilation window, in cycles")
-    mda: bool = Field(False, description="multiple data assimilation (each observation in L windows, 1/L each)")
+    mda: bool = Field(False, description="multiple data assimilation (each observation in L/S windows, S/L each)")
     shift: int = Field(1, ge=1, description="cycles S the window slides between analyses (S <= L; MDA: L a multiple of S)")
 
     @model_validator(mode="after")
