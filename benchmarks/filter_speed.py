@@ -363,7 +363,9 @@ NOTES = """## What changed (issue 19) and what the figures say
   costs ~1–1.5 µs against ~4–5 µs for a torch call, and an iteration is a few dozen of them. Its numbers change at
   round-off (NumPy's OpenBLAS against torch's MKL for the products), so every stored IEnKF/IEnKS score was rerun;
   the other filters are unchanged to the bit (the 10 other methods of the check above). Interleaved A/B on this Xeon,
-  background jobs paused (the `src/` of 196f500, then of this change; median of 6 runs of 600 cycles): IEnKS lag 1
+  background jobs paused (the `src/` of 196f500, then of this change; median of 6 runs of 600 cycles; the timing
+  is `python benchmarks/ab_speed.py /tmp/base/src src` with a worktree of 196f500 in /tmp/base, committed after
+  these figures were taken by the same code run by hand): IEnKS lag 1
   (the IEnKF, -N prior) 2.79 → 1.61 ms per cycle (1.73 ×); EnKF-N 0.89 → 0.94 ms (within this machine's run-to-run
   spread; its code gained one call, the hyperprior's 1/x written for both array kinds).
 - Tried and left out: `torch.compile` of the inference path (gcc is here, but 230 s to compile under this load and
