@@ -141,6 +141,26 @@ def test_dual_inflation_of_a_row_does_not_depend_on_its_batch():
         assert torch.equal(u, alone), grad
 
 
+def test_one_row_iterations_equal_the_batched_ones_bit_for_bit():
+    """One experiment iterates with Python floats (`_newton_one_row`): the same numbers as its row in a batch, bit
+    for bit, for every iteration count and for rows that blow up, start at the minimum, or need clipped steps."""
+    g = torch.Generator().manual_seed(7)
+    B, N = 12, 20
+    lam = 10 * torch.rand(B, N, generator=g, dtype=f64) ** 3
+    q = 20 * torch.rand(B, N, generator=g, dtype=f64) ** 2
+    lam[1, 3], q[2, 0], lam[3] = float("nan"), float("inf"), 0.0  # blown up; infinite; no constraint at all
+    q[4] = 0.0  # g = c - eps at t = 0
+    q[5] *= 1e6  # far from t = 0: clipped steps of 1
+    eps, c = hyperprior(lam, N, 2.0)
+    eps[6], c[7] = float("nan"), -float("inf")
+    for max_iter in (1, 2, 3, 40):
+        u = dual_inflation(lam, q, eps, c, max_iter=max_iter)
+        alone = torch.cat([dual_inflation(lam[b:b + 1], q[b:b + 1], eps[b:b + 1], c[b:b + 1], max_iter=max_iter)
+                           for b in range(B)])
+        assert torch.equal(u.isnan(), alone.isnan()) and torch.equal(u.nan_to_num(), alone.nan_to_num()), max_iter
+    assert torch.isfinite(u[[0, 3, 4, 5]]).all() and u[5] > 100
+
+
 def test_rows_ok_by_the_largest_magnitude_is_the_entrywise_check():
     t = torch.randn(6, 3, 4, dtype=f64)
     t[1, 0, 0], t[2, 2, 3], t[3, 1, 1], t[4] = float("nan"), float("inf"), -float("inf"), 1e308  # 4: huge, finite
