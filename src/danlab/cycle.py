@@ -125,7 +125,7 @@ def run_cycles(filt, model, twin: TwinStream, cycles: int, burn_in: int, seed: i
     diverged = torch.zeros(B, dtype=torch.bool)
     diverged_at = torch.full((B,), -1, dtype=torch.long)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad() if filt.autograd else torch.inference_mode():
         for k in tqdm(range(cycles), disable=not progress, desc=type(filt).__name__, mininterval=1.0):
             x, obs = twin.step()
             truths.append(x)

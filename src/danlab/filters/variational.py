@@ -213,6 +213,7 @@ class Var4D(WindowFilter, StaticB):
     The model must be differentiable by autograd (checked by `prepare`).
     """
 
+    autograd: ClassVar[bool] = True
     method: Literal["var4d"] = "var4d"
     N: int = Field(1, ge=1, description="ensemble size: 4D-Var works on a single state, N = 1")
     max_iter: int = Field(10, ge=1, description="maximum number of outer (Gauss-Newton) iterations")
