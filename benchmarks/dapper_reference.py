@@ -11,7 +11,9 @@ iteration (its code says: to avoid re-running the model); "s", the smoothed esti
 "f", the forecast. danlab's IEnKS re-runs the model from the smoothed ensemble for its filtering analysis.
 
 danlab's rows are its baselines table (docs/results/baselines_l96.md: 4 experiments × 10^4 cycles, seed 0); its
-speed here is one experiment at threads 1, one run of each method right after each DAPPER seed's run. The speed
+speed here is one experiment at threads 1, one run of each method as long as DAPPER's (10,500 cycles by default; 2,000
+before 2026-11-30 20:30 UTC, when a run of ~1 s could fall into one of this VM's slow spells) right after each DAPPER
+seed's run. The speed
 ratio is the median over the seeds of danlab's cycles/s over DAPPER's in that pair, so that a machine whose speed
 drifts during the benchmark (a shared VM) compares runs made under the same load; the cycles/s columns are the mean
 of DAPPER's runs and the median of danlab's.
@@ -75,7 +77,8 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=10_500)
     ap.add_argument("--burn-in", type=int, default=500)
     ap.add_argument("--seeds", default="3,4,5")
-    ap.add_argument("--speed-cycles", type=int, default=2000, help="cycles of danlab's speed runs")
+    ap.add_argument("--speed-cycles", type=int, default=None,
+                    help="cycles of danlab's speed runs (default: --cycles, the length of DAPPER's timed runs)")
     ap.add_argument("--dapper-venv", default="/tmp/dapper-venv")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "dapper_reference"))
     a = ap.parse_args()
@@ -88,16 +91,17 @@ def main() -> None:
     for seed in (int(s) for s in a.seeds.split(",")):
         runs += dapper_json(py, SCRIPT, a.cycles, a.burn_in, seed)
         for m in mine:
-            mine[m].append(danlab_speed(m, a.speed_cycles))
+            mine[m].append(danlab_speed(m, a.speed_cycles or a.cycles))
         print(json.dumps(runs[-2:]), {m: round(v[-1], 1) for m, v in mine.items()}, flush=True)
     speed = {m: statistics.median(v) for m, v in mine.items()}
-    ratio = {m: statistics.median(x / r["cycles_per_s"] for x, r in zip(mine[m], (r for r in runs if r["method"] == name)))
+    pairs = {m: [x / r["cycles_per_s"] for x, r in zip(mine[m], (r for r in runs if r["method"] == name))]
              for m, name in (("ienks", "iEnKS"), ("enkf_n", "EnKF_N"))}
+    ratio = {m: statistics.median(v) for m, v in pairs.items()}
     table = json.loads((ROOT / "docs" / "results" / "baselines_l96.json").read_text())
     ours = {r["method"]: r for r in (table["rows"] if isinstance(table, dict) else table)}
     out = {"command": command_line(), "provenance": provenance(), "machine": machine(), "cycles": a.cycles,
            "burn_in": a.burn_in, "dapper_runs": runs, "danlab_cycles_per_s": speed, "danlab_runs_cycles_per_s": mine,
-           "danlab_over_dapper": ratio, "wall_s": round(time.time() - t0, 1)}
+           "danlab_over_dapper": ratio, "danlab_over_dapper_per_seed": pairs, "wall_s": round(time.time() - t0, 1)}
 
     def col(name, key):
         v = [r[key] for r in runs if r["method"] == name]
@@ -117,7 +121,8 @@ def main() -> None:
         rows.append([label, f"{m:.4f} (sd {sd:.4f} over seeds: {', '.join(f'{x:.4f}' for x in v)})", ours_txt,
                      round(dapper_speed, 1) if speed_key else "",
                      round(speed[speed_key], 1) if speed_key else "",
-                     round(ratio[speed_key], 2) if speed_key else ""])
+                     f"{ratio[speed_key]:.2f} (per seed: {', '.join(f'{x:.2f}' for x in pairs[speed_key])})"
+                     if speed_key else ""])
     out["rows"] = rows
     md = ["# The reference library's own long-run scores (DAPPER) beside danlab's (issue 16)\n\n",
           f"Command: `{out['command']}`  \n{out['provenance']}  \nMachine: {out['machine']['cpu']}, "

@@ -368,6 +368,16 @@ NOTES = """## What changed (issue 19) and what the figures say
   these figures were taken by the same code run by hand): IEnKS lag 1
   (the IEnKF, -N prior) 2.79 → 1.61 ms per cycle (1.73 ×); EnKF-N 0.89 → 0.94 ms (within this machine's run-to-run
   spread; its code gained one call, the hyperprior's 1/x written for both array kinds).
+- **One experiment's per-call overheads (2026-11-30, fifth change; issue 14)**: (1) the EnKF-N's Newton iterations on
+  the dual cost, for a single experiment, keep their (1, 1) numbers as Python floats (`_newton_one_row`; the (N,)
+  sums and exp stay NumPy's; +, -, *, / are correctly rounded in both, so the numbers are the batched loop's bit for
+  bit, tested with blown-up, infinite and clipped rows): 190 → 97 µs per analysis on this Xeon; (2) the DA loop runs
+  under `torch.inference_mode` (`no_grad` only for 4D-Var, whose analysis differentiates the model: `Filter.autograd`),
+  which skips autograd's bookkeeping of views and versions on every tensor call: the same kernels, so the same numbers
+  (every method of the 15-method check and both shipped networks equal to the bit), ~14 % less time per EnKF-N
+  analysis. Interleaved A/B (`python benchmarks/ab_speed.py /tmp/base/src src`, base 73c32d4, median of 6): EnKF-N
+  N 20 one experiment 0.82 → 0.64 ms per cycle (1.27×); IEnKS lag 1 1.55 → 1.49 ms (within noise). At B 64 the cycle
+  is dominated by the 64 eigendecompositions and the model, which neither change touches.
 - Tried and left out: `torch.compile` of the inference path (gcc is here, but 230 s to compile under this load and
   ~10 % faster: not worth it); exact GELU as erf arithmetic (no faster); a 2-thread split of the batched `eigh`
   (no gain on 2 busy cores); fusing the EnKF-N's mean and anomaly products (breaks the bit-exact independence of a
@@ -384,25 +394,26 @@ NOTES = """## What changed (issue 19) and what the figures say
   27 gathers of ~5 µs, 21 activations of ~3 µs and the Python between them); the truth and observations take
   0.06–0.09 ms and the forecast 0.03–0.05 ms since the model runs in NumPy (0.15 and 0.12 ms before), and the EnKF-N
   with N 40 takes 1.3–1.45 ms in all (0.92 ms after the third change above, which speeds up the ensemble filters far
-  more than the a_θ cycle: the ratio at Nx 40 went from 0.76 to 0.97). The network's calls alone (~0.45 ms) keep the
+  more than the a_θ cycle: the ratio at Nx 40 went from 0.76 to 0.97, and to 1.20 after the fifth: EnKF-N(40) 0.74 ms, a_θ 0.88 ms, its network's calls barely lighter under inference_mode). The network's calls alone (~0.45 ms) keep the
   ratio above 0.5 at Nx 40: ≤ 0.5 needs fewer calls than one per layer (a compiled or traced graph, with its own
   costs; see "Not done") or a smaller network. At Nx 160 the network's arithmetic (69 MFLOP) alone is ~0.3 of the EnKF-N(160)'s whole cycle (~4 ms):
   ≤ 0.1× is not reachable by code for this network on this CPU.
 - **The DAPPER targets** (2-core AVX-512 Xeon): at B 1 danlab's EnKF-N (N 20) cycle was ~1.0–1.1 ms and DAPPER's
   2.4–3.1 ms in the timed runs on this machine (its own loop, NumPy on one state, varies as much as danlab's between
   runs): 2.1× before the NumPy model, 3.1× and 3.0× after it; 1.7× and 2.6× in earlier runs on a 2-core AVX2 EPYC.
-  After the third change above, two runs of this script on 2026-11-30 (other jobs paused): danlab 0.79 and 0.75 ms,
-  DAPPER 2.97 and 3.46 ms (the faster of its two runs each time): 3.8× and 4.6× (4.0× and 4.8× like for like).
-  `benchmarks/dapper_reference.py`, whose danlab figure is the median of three 2,000-cycle `danlab run`s (rank
-  histogram included) against DAPPER's mean over three 10,000-cycle runs, says 3.3× the same afternoon. So one
-  experiment is at the 4× target in this script's protocol, by a margin smaller than DAPPER's run-to-run spread, and
-  below it in the other. Of danlab's ~0.75 ms: the truth, observations and forecast ~0.1 ms, the dual-cost Newton
-  iterations ~0.13 ms (about 4 iterations of ~30 NumPy calls on (1, 20) arrays), the 20 × 20 eigendecomposition
-  ~0.06 ms, ~100 other small torch calls. More needs NumPy's own linear algebra for the analysis (another BLAS,
-  other round-off: every stored score would change). At B 64 the 64 LAPACK eigendecompositions of 20 × 20 (~33 µs
-  each, one after another inside torch.linalg.eigh, ~2.1 ms) are the largest part of the cycle: 41× in the second
-  run against 50×. The next lever there: an eigensolver batched across matrices (e.g. Jacobi sweeps on the whole
-  batch) or the eigh split across processes.
+  After the third change above, two runs of this script (other jobs paused): 3.8× and 4.6× (4.0× and 4.8× like for
+  like), while `benchmarks/dapper_reference.py` said 3.3–3.4×. After the fifth change (this run, 20:28 UTC): danlab
+  0.59 ms against DAPPER's 3.51 ms, **5.9× (6.3× like for like)**; `python benchmarks/dapper_reference.py`, the median
+  over three seeds of danlab's run over the DAPPER run it followed (10,500 cycles each, nothing else running):
+  **4.55×** (per seed 4.55, 5.03, 2.67), and 4.17× (4.17, 5.11, 2.61) in the run before, whose danlab runs were
+  2,000 cycles. The per-seed spread is this VM's: five 3,000-cycle danlab runs in a row in one process gave 819, 1372,
+  907, 1458 and 1529 cycles/s. So one experiment is past the 4× target in both protocols. Of danlab's ~0.6 ms: the
+  truth, observations and forecast ~0.1 ms, the Newton iterations ~0.1 ms, the 20 × 20 eigendecomposition ~0.06 ms,
+  ~100 small torch calls. At B 64 the 64 LAPACK eigendecompositions of 20 × 20 (~31 µs each, one after another inside
+  torch.linalg.eigh, ~2.0 ms of this run's 5.65 ms) are the largest part of the cycle, the model (~1 ms for 64 × 20
+  members) the next: 39.7× in this run against 50×. The next lever there: an eigensolver batched across matrices
+  (e.g. Jacobi sweeps on the whole batch), which changes every EnKF-N score's round-off (all stored EnKF-N tables
+  would be rerun), or the eigh split across processes.
 """
 
 
