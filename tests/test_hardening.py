@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +245,15 @@ def test_enkf_n_run_of_the_issue_does_not_crash(capsys):
     rc, _, err = run_cli(capsys, "run", ROOT / "configs/l96/enkf_n.yaml", "--set", "model.F=30", "--set", "cycles=1000",
                          "--set", "burn_in=100", "--set", "batch=4", "--set", "threads=1")
     assert_one_line_error(rc, err, "model.dt")
+
+
+def test_an_unstable_truth_is_one_line_from_the_shell(tmp_path):
+    """In a process of its own (no pytest capturing warnings): the NumPy integration of a blown-up truth prints no
+    RuntimeWarning before the one-line error."""
+    r = subprocess.run([sys.executable, "-m", "danlab.cli", "run", str(ROOT / "configs/l96/enkf_n.yaml"), "--set",
+                        "model.F=30", "--set", "cycles=100", "--set", "burn_in=10", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert_one_line_error(r.returncode, r.stderr, "model.dt")
 
 
 def test_every_experiment_diverged_is_said_so(tmp_path, capsys):

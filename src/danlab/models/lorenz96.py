@@ -74,8 +74,9 @@ class Lorenz96:
                 x = self.step(x)
             return x
         self._check_size(x)
-        for _ in range(n):
-            xn = rk4_step(self._tendency_numpy, xn, self.dt)
+        with np.errstate(over="ignore", invalid="ignore"):  # an unstable step gives inf/NaN silently, as in torch:
+            for _ in range(n):  # the twin's check or the filter's divergence flag says so, in one line
+                xn = rk4_step(self._tendency_numpy, xn, self.dt)
         return torch.from_numpy(xn)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
