@@ -260,7 +260,7 @@ TRANSFERS = {
     "l96": Transfer((20, 40, 80, 160), "enkf_n.yaml", "EnKF-N, N = Nx", lambda Nx: [f"filter.N={Nx}"]),
     # domain lengths × 0.5, 1, 2 at the trained resolution; a local filter whose cost and skill do not depend on the
     # domain size (the global filters need N to grow with the unstable dimension, which grows with the length)
-    "ks": Transfer((64, 128, 256), "letkf.yaml", "LETKF, N = 16, radius 51, inflation 1.02", lambda Nx: []),
+    "ks": Transfer((64, 128, 256), "letkf.yaml", "LETKF, N = 16, radius 51, inflation 1.04", lambda Nx: []),
 }
 
 
