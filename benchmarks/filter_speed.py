@@ -394,8 +394,9 @@ NOTES = """## What changed (issue 19) and what the figures say
   27 gathers of ~5 µs, 21 activations of ~3 µs and the Python between them); the truth and observations take
   0.06–0.09 ms and the forecast 0.03–0.05 ms since the model runs in NumPy (0.15 and 0.12 ms before), and the EnKF-N
   with N 40 takes 1.3–1.45 ms in all (0.92 ms after the third change above, which speeds up the ensemble filters far
-  more than the a_θ cycle: the ratio at Nx 40 went from 0.76 to 0.97, and to 1.20 after the fifth: EnKF-N(40) 0.74 ms, a_θ 0.88 ms, its network's calls barely lighter under inference_mode). The network's calls alone (~0.45 ms) keep the
-  ratio above 0.5 at Nx 40: ≤ 0.5 needs fewer calls than one per layer (a compiled or traced graph, with its own
+  more than the a_θ cycle: the ratio at Nx 40 went from 0.76 to 0.97, and to 1.20 after the fifth: EnKF-N(40)
+  0.74 ms, a_θ 0.88 ms, its network's calls barely lighter under inference_mode). The network's calls alone
+  (~0.45 ms) keep the ratio above 0.5 at Nx 40: ≤ 0.5 needs fewer calls than one per layer (a compiled or traced graph, with its own
   costs; see "Not done") or a smaller network. At Nx 160 the network's arithmetic (69 MFLOP) alone is ~0.3 of the EnKF-N(160)'s whole cycle (~4 ms):
   ≤ 0.1× is not reachable by code for this network on this CPU.
 - **The DAPPER targets** (2-core AVX-512 Xeon): at B 1 danlab's EnKF-N (N 20) cycle was ~1.0–1.1 ms and DAPPER's

@@ -142,7 +142,8 @@ def _dual_inflation_numpy(lam, q, eps, c, max_iter, tol):
     tiny = np.finfo(L.dtype).tiny
     if eps_.size == 1 and L.dtype == np.float64:  # one experiment: its (1, 1) numbers as Python floats
         with np.errstate(all="ignore"):
-            t = _newton_one_row(L.reshape(-1), Q.reshape(-1), float(eps_.item()), float(c_.item()), max_iter, tol, float(tiny))
+            t = _newton_one_row(L.reshape(-1), Q.reshape(-1), float(eps_.item()), float(c_.item()), max_iter, tol,
+                                float(tiny))
         return torch.from_numpy(np.exp(np.full(eps_.shape, t))).to(lam.dtype)
     t = np.zeros(eps_.shape, dtype=L.dtype)
     done = np.zeros(t.shape, dtype=bool)
@@ -166,7 +167,7 @@ def _dual_inflation_numpy(lam, q, eps, c, max_iter, tol):
 def _newton_one_row(L, Q, eps, c, max_iter, tol, tiny) -> float:
     """The iterations of `_dual_inflation_numpy` for a single row, t in log u: the (N,) sums in NumPy, the rest in
     Python floats. Both round every +, -, *, / correctly in float64, and exp goes through NumPy's, so the numbers
-    are those of the batched loop, bit for bit (tests/test_filters.py); a (1, 1) NumPy call costs ~20 times a
+    are those of the batched loop, bit for bit (tests/test_filter_speed.py); a (1, 1) NumPy call costs ~20 times a
     Python float operation, and this loop made ~25 of them per iteration. A row stops where the batched loop marks
     it done: after a step below `tol`, or where the step is not finite (the step is then 0: t is kept)."""
     t = 0.0
