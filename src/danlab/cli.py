@@ -36,8 +36,7 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         return
     for p in summary.get("table", []):
         cells = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items() if k in s.get("grid", {})]
-        cells.append(f"armse={format_score(p)}" + (f"  ({p['n_diverged']} of {p['experiments']} diverged)"
-                                                   if p.get("n_diverged") and math.isfinite(p["armse"]) else ""))
+        cells.append(f"armse={format_score(p, partial=True)}")
         print("  " + "  ".join(cells))
     line = f"{s['method']}: aRMSE {format_score(s)}"
     if s.get("best"):

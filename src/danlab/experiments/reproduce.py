@@ -209,10 +209,8 @@ def _cell(r: dict, digits: int = 4) -> str:
     and the others were scored; "diverged (k of n)" when all were lost; "no weights" when nothing was run."""
     if not r.get("experiments") and r.get("armse") != r.get("armse"):
         return "no weights"
-    k = r.get("diverged")
-    lost = f" ({int(k)} of {int(r['experiments'])} diverged)" if k and r.get("armse") == r.get("armse") else ""
-    return format_score({"armse": r.get("armse"), "armse_ci": r.get("armse_ci"), "n_diverged": k,
-                         "experiments": r.get("experiments")}, digits) + lost
+    return format_score({"armse": r.get("armse"), "armse_ci": r.get("armse_ci"), "n_diverged": r.get("diverged"),
+                         "experiments": r.get("experiments")}, digits, partial=True)
 
 
 def table_markdown(df: pd.DataFrame, b: Budget, table: Table = TABLES["l96"]) -> str:

@@ -120,13 +120,16 @@ def plot_rmse(res: CycleResult, summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def format_score(s: dict, digits: int = 4) -> str:
-    """A summary's aRMSE for people: "0.1900 ± 0.0020", "diverged (k of n)" when no experiment was scored."""
+def format_score(s: dict, digits: int = 4, partial: bool = False) -> str:
+    """A summary's aRMSE for people: "0.1900 ± 0.0020", "diverged (k of n)" when no experiment was scored.
+    partial: the score of the surviving experiments is followed by "(k of n diverged)" when k of the n were lost (a
+    table's cell; a summary line says it in its own words)."""
     armse, ci = s.get("armse", math.nan), s.get("armse_ci", math.nan)
-    if armse is not None and math.isfinite(armse):
-        return f"{armse:.{digits}f} ± {ci:.{digits}f}"
     n = s.get("experiments")
     k = s.get("n_diverged")
+    if armse is not None and math.isfinite(armse):
+        lost = f" ({int(k)} of {int(n)} diverged)" if partial and k and n else ""
+        return f"{armse:.{digits}f} ± {ci:.{digits}f}{lost}"
     if k and n:
         return f"diverged ({k} of {n})"
     return "diverged" if s.get("diverged") else "—"
