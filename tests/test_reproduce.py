@@ -130,6 +130,25 @@ def test_transfer_runs_the_same_weights_at_other_sizes(tmp_path, monkeypatch):
     assert "| Nx | a_θ (trained at Nx 40, Ne 1) | EnKF-N, N = Nx |" in md
 
 
+def test_transfer_table_says_when_some_experiments_were_lost(tmp_path, monkeypatch):
+    """A side that lost the truth in some of its experiments shows the others' score and how many were lost, as the
+    other tables do (a run where the baseline loses 1 of 2 stands in for the LETKF at an unstable inflation)."""
+    w = tmp_path / "w"
+    save_net(w, build_net(NetConfig(Nf=4, Nbl=1, Nl=1)), {"trained_with": TrainRunConfig().model_dump(mode="json")})
+    real = rp.run_experiment
+
+    def one_lost(cfg, out):
+        s = real(cfg, out)
+        return s | {"n_diverged": 1, "experiments": 2} if cfg.filter.method == "enkf_n" else s
+    monkeypatch.setattr(rp, "run_experiment", one_lost)
+    df = rp.reproduce_transfer(tmp_path / "out", True, weights=str(w), sizes=(20,), threads=1, progress=False,
+                               budget=TINY)
+    md = (tmp_path / "out" / "transfer.md").read_text()
+    r = df.iloc[0]
+    assert f"| 20 | {r.learned_armse:.3f} ± {r.learned_ci:.3f} | {r.baseline_armse:.3f} ± {r.baseline_ci:.3f} (1 of 2 " \
+           "diverged) |" in md
+
+
 def test_ks_transfer_keeps_the_grid_spacing(tmp_path):
     """On KS the weights run at Nx 64 on a domain of half the length (the trained resolution), beside the LETKF of
     configs/ks/letkf.yaml on the same resized twin."""

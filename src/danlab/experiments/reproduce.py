@@ -286,7 +286,7 @@ def reproduce_transfer(out: Path, quick: bool, weights: str = "l96_nf40_ne1", si
         rows.append(row)
         if progress:
             print(f"  Nx {Nx}: a_θ {format_score(learned)}, {t.baseline_name} {format_score(ref)}", flush=True)
-        cells.append((format_score(learned, 3), format_score(ref, 3)))
+        cells.append((format_score(learned, 3, partial=True), format_score(ref, 3, partial=True)))
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "transfer.csv", df.to_csv(index=False))
