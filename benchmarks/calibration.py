@@ -7,8 +7,9 @@ they were trained with unless --set says otherwise) beside the EnKF-N and the ET
         [--cycles 10000 --burn-in 500 --batch 8] [--threads 2] [--quick] [--keep-classical]
         [--out docs/results/calibration]
 
-A --net is PATH[:key=value,...] with keys N (the ensemble size, default the trained one) and perturb (the
-filter's observation perturbation, default the trained one). Classical rows: EnKF-N (xN 2, no tuning) at N = 10, 20,
+A --net is PATH[:key=value,...] with keys N (the ensemble size, default the trained one), perturb (the
+filter's observation perturbation, default the trained one) and control (a single-state network the ensemble is
+recentred on at every cycle: `Learned.control`). Classical rows: EnKF-N (xN 2, no tuning) at N = 10, 20,
 and the ETKF (N 20) with its inflation tuned on seed 1; every row scored on seed 0. Writes
 {out}.{md,json,png}.
 """
@@ -47,7 +48,8 @@ def learned_row(spec: str, a) -> dict:
     N = int(kw.get("N", trained.get("train", {}).get("N", 1)))
     data = learned_eval_data(trained, resolve_net_dir(path), seed=0, cycles=a.cycles, burn_in=a.burn_in,
                              batch=a.batch, N=N)
-    over = [f"threads={a.threads}"] + ([f"filter.perturb={kw['perturb']}"] if "perturb" in kw else [])
+    over = ([f"threads={a.threads}"] + ([f"filter.perturb={kw['perturb']}"] if "perturb" in kw else [])
+            + ([f"filter.control={kw['control']}"] if "control" in kw else []))
     cfg = load_config(RunConfig, None, over, data=data)
     s = run_experiment(cfg, None)
     t = trained.get("train", {})
@@ -55,7 +57,8 @@ def learned_row(spec: str, a) -> dict:
     how = ("given" if cfg.filter.perturb is not None else
            "calibrated" if calibrated_perturb(meta, N, path) is not None else "as trained")
     name = (f"a_θ {Path(path).name}, Ne={N}, perturb={perturb:g} ({how})"
-            f" (trained: loss {t.get('loss', 'supervised')}, Ne {t.get('N', 1)}, perturb {t.get('perturb_obs', 0):g})")
+            + (f", recentred on {Path(kw['control']).name}" if "control" in kw else "")
+            + f" (trained: loss {t.get('loss', 'supervised')}, Ne {t.get('N', 1)}, perturb {t.get('perturb_obs', 0):g})")
     row = {"method": name, "tuned": "—", "armse": s["armse"], "armse_ci": s["armse_ci"], "spread": s["spread"],
            "spread_ratio": s["spread_ratio"], "rank_hist": s.get("rank_hist"), "diverged": s["n_diverged"],
            "scored": f"{a.batch} × {a.cycles - a.burn_in} after {a.burn_in}", "command": command_line(),
@@ -80,7 +83,8 @@ def plot(rows: list[dict], path: Path) -> None:
         h = r["rank_hist"]
         ax.bar(range(len(h)), [v * len(h) for v in h], width=0.9)  # 1 = flat
         ax.axhline(1, color="k", lw=0.6, ls=":")
-        ax.set_title(f"{r['method'].split(' (')[0]}\nspread/aRMSE {r['spread_ratio']:.2f}", fontsize=7)
+        title = r["method"].split(" (trained")[0].replace(", recentred", "\nrecentred")
+        ax.set_title(f"{title}\nspread/aRMSE {r['spread_ratio']:.2f}", fontsize=7)
         ax.set_xlabel("rank of the truth")
     axes[0][0].set_ylabel("frequency × (N + 1)")
     fig.tight_layout()

@@ -92,3 +92,66 @@ def test_cli_calibrate(net_copy, tmp_path):
                       (["--N", "1"], "single state")]:
         r = danlab("calibrate", str(net_copy), "--cycles", "20", "--burn-in", "5", "--batch", "1", *args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_an_ensemble_recentred_on_a_control_has_the_control_as_its_mean(tmp_path):
+    """filter.control: the control state is forecast and analysed by its own network exactly as a single-state
+    filter would (bit for bit), the ensemble's analysis mean is that control (to float32 round-off) and its members
+    keep their spread; a restart resets both; the configurations that cannot mean anything are refused."""
+    from pydantic import ValidationError
+
+    from danlab.learned import Recentred, save_net
+    from danlab.nets import NetConfig, build_net
+    from danlab.rng import BatchRNG
+    from danlab.training.train_config import TrainRunConfig
+    torch.manual_seed(0)
+    ens, ctl = (build_net(NetConfig(Nf=4, Nbl=1, Nl=1)).eval() for _ in range(2))
+    with torch.no_grad():  # a CNN that does something (its last layer starts at 0) and differs between the two
+        for net in (ens, ctl):
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    model, observer = Lorenz96(), Observer(40)
+    f, g, plain = (Learned.from_net(ens, 6, perturb=0.5, control=ctl), Learned.from_net(ctl),
+                   Learned.from_net(ens, 6, perturb=0.5))
+    x = model.spinup(8 + torch.randn(3, 40), 5.0)
+    E0 = x.unsqueeze(1) + torch.randn(3, 6, 40)
+    carry, xc, Ep = f.start(E0), E0.mean(-2, keepdim=True), E0
+    obs_rng, f_rng, p_rng = BatchRNG(0, "o", 3), BatchRNG(0, "f", 3), BatchRNG(0, "f", 3)
+    with torch.no_grad():
+        for _ in range(20):
+            x = model(x)
+            obs = observer.observe(x, obs_rng)
+            carry, Ef, Ea, Es, n = f.step(carry, model, obs, f_rng)
+            xc = g.cycle(xc, model, obs, None)[1]
+            Ep = plain.cycle(Ep, model, obs, p_rng)[1]
+            assert isinstance(carry, Recentred) and Es is None and n == 0 and carry.E is Ea
+            assert torch.equal(carry.control, xc)
+            torch.testing.assert_close(Ea.mean(-2), xc[:, 0], rtol=0, atol=1e-5)
+    assert float(Ea.std(-2).mean()) > 0.05  # the members are not collapsed onto the control
+    assert not torch.allclose(Ep.mean(-2), xc[:, 0], atol=1e-2)  # the same ensemble without recentring: another mean
+    bad = torch.tensor([False, True, False])
+    r = f.restart(carry, bad, x)
+    assert torch.equal(r.E[1], x[1].expand(6, 40)) and torch.equal(r.control[1, 0], x[1])
+    assert torch.equal(r.E[0], carry.E[0]) and torch.equal(r.control[2], carry.control[2])
+    # from folders: the control network is loaded beside the ensemble's
+    meta = {"trained_with": TrainRunConfig().model_dump(mode="json")}
+    save_net(tmp_path / "ens", ens, meta)
+    save_net(tmp_path / "ctl", ctl, meta)
+    h = Learned(checkpoint=str(tmp_path / "ens"), N=6, perturb=0.5, control=str(tmp_path / "ctl")).prepare(
+        model, observer, torch.float32, "cpu")
+    assert all(torch.equal(p, q) for p, q in zip(h._control_net.parameters(), ctl.parameters()))
+    assert h.resolved() == {"perturb": 0.5, "control": str(tmp_path / "ctl")}  # a run's summary says so
+    with pytest.raises(ValidationError, match="needs N >= 2"):
+        Learned(checkpoint=str(tmp_path / "ens"), N=1, control=str(tmp_path / "ctl"))
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Learned(checkpoint=str(tmp_path / "ens"), N=6, perturb=0.5, control=str(tmp_path / "nothing")).prepare(
+            model, observer, torch.float32, "cpu")
+    with pytest.raises(CheckpointError, match="trained on the model ks"):
+        Learned(checkpoint=str(NE10), N=10, perturb=0.5, control=str(ROOT / "weights" / "ks_ne1")).prepare(
+            model, observer, torch.float32, "cpu")
+    # the shipped ensemble's calibrated perturbation is that of the ensemble without a control: not taken silently
+    with pytest.raises(CheckpointError, match="give filter.perturb"):
+        prepared(NE10, 10, control=str(tmp_path / "ctl"))
+    with pytest.raises(ConfigError, match="calibrate --write"):
+        calibrate(NE10, [0.5], cycles=20, burn_in=5, batch=1, overrides=[f"filter.control={tmp_path / 'ctl'}"],
+                  write=True)

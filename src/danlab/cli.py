@@ -47,6 +47,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
             line += f" ({s['spread_ratio']:.2f} x aRMSE)"
         if "perturb" in s:  # a learned ensemble: the observation perturbation its spread came from
             line += f" with perturbation {s['perturb']:g}"
+        if "control" in s:  # recentred on a single-state network's analysis: the mean is that control
+            line += f", recentred on {s['control']}"
     if s.get("armse_s") is not None and math.isfinite(s["armse_s"]):
         line += f", smoothed {s['armse_s']:.4f} ± {s['armse_s_ci']:.4f}"
     n_div = s.get("n_diverged")

@@ -8,11 +8,12 @@ provenance) beside its safetensors tensor file. A training run folder holds its 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, PrivateAttr, ValidationError
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from danlab.checkpoint import CheckpointError, load_state_strict, read_checkpoint, write_checkpoint
 from danlab.config import upgrade_renamed
@@ -93,8 +94,25 @@ def default_perturb(meta: dict, N: int, where: str) -> float:
     return p if p is not None else float(meta["trained_with"].get("train", {}).get("perturb_obs", 0.0))
 
 
+@dataclass(frozen=True)
+class Recentred:
+    """The carried state of a learned ensemble recentred on a control: the ensemble (B, N, Nx) and the control
+    analysis (B, 1, Nx), the ensemble's mean."""
+
+    E: torch.Tensor
+    control: torch.Tensor
+
+
 class Learned(Filter):
-    """The learned analysis. `checkpoint`: a network folder or a training run folder."""
+    """The learned analysis. `checkpoint`: a network folder or a training run folder.
+
+    With `control` (an ensemble, N > 1), the ensemble is recentred at every cycle on a control state analysed by
+    its own single-state network, as operational ensembles of data assimilations are recentred on the
+    deterministic analysis: the control x^c is forecast and analysed alone, x^c_a = x^c_f + a_control(x^c_f,
+    H^T R^-1 (y - H x^c_f)), and the members' analysis anomalies (of `checkpoint`'s network, with its perturbed
+    observations) are moved onto it, E^a <- E^a - mean(E^a) + x^c_a. The mean is then the single-state network's
+    trajectory (its accuracy, up to the float round-off of the mean), and the members carry the uncertainty.
+    """
 
     method: Literal["learned"] = "learned"
     N: int = Field(1, ge=1, description="ensemble size Ne (1: a single state)")
@@ -104,12 +122,25 @@ class Learned(Filter):
                                   "stochastic EnKF (a source of spread for N > 1); null: the value `danlab calibrate` "
                                   "recorded in the sidecar for this N if any, else as the network was trained "
                                   "(train.perturb_obs in its sidecar)")
+    control: str | None = Field(None, description="a single-state network folder: the ensemble is recentred at every "
+                                "cycle on the control state that this network analyses (N > 1; see the class)")
     _net: AnalysisNet | None = PrivateAttr(None)
+    _control_net: AnalysisNet | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _check_control(self):
+        if self.control is not None and self.N < 2:
+            raise ValueError(f"filter.control recentres an ensemble on a control state: it needs N >= 2 (got N {self.N})")
+        return self
 
     @classmethod
-    def from_net(cls, net: AnalysisNet, N: int = 1, perturb: float = 0.0) -> "Learned":
+    def from_net(cls, net: AnalysisNet, N: int = 1, perturb: float = 0.0,
+                 control: AnalysisNet | None = None) -> "Learned":
+        """The filter of a network in memory; `control`: the network of the control state (see the class)."""
+        if control is not None and N < 2:
+            raise ValueError(f"a control recentres an ensemble: it needs N >= 2 (got N {N})")
         f = cls(N=N, perturb=perturb)
-        f._net = net
+        f._net, f._control_net = net, control
         return f
 
     def prepare(self, model, observer, dtype, device) -> "Learned":
@@ -125,18 +156,56 @@ class Learned(Filter):
         perturb = self.perturb
         if perturb is None:
             perturb = default_perturb(meta, self.N, str(resolve_net_dir(self.checkpoint)))
-        return type(self).from_net(net.to(device), self.N, perturb)
+        control = None
+        if self.control is not None:
+            if perturb and self.perturb is None and calibrated_perturb(meta, self.N, str(resolve_net_dir(self.checkpoint))):
+                raise CheckpointError(f"{self.checkpoint}: its calibrated perturbation is that of the ensemble without "
+                                      "a control; give filter.perturb for the recentred one (danlab calibrate "
+                                      "--set filter.control=...)")
+            control, cmeta = load_net(self.control)
+            names = [m["trained_with"].get("model", {}).get("name") for m in (meta, cmeta)]
+            if None not in names and names[0] != names[1]:
+                raise CheckpointError(f"{self.control}: trained on the model {names[1]}, the ensemble's network "
+                                      f"({self.checkpoint}) on {names[0]}: a control must analyse the same dynamics")
+            try:
+                control.cfg.check_size(model.Nx)
+            except ValueError as exc:
+                raise CheckpointError(f"{self.control}: {exc}") from None
+            control = control.to(device)
+        f = type(self)(N=self.N, perturb=perturb, checkpoint=self.checkpoint, control=self.control)
+        f._net, f._control_net = net.to(device), control
+        return f
 
     def resolved(self) -> dict:
         """An ensemble's observation perturbation, the source of its spread (given, calibrated in the sidecar, or as
         trained: see `perturb`)."""
-        return {"perturb": float(self.perturb)} if self.N > 1 else {}
+        if self.N == 1:
+            return {}
+        return {"perturb": float(self.perturb)} | ({} if self._control_net is None else
+                                                  {"control": self.control or "a network in memory"})
 
     @property
     def net(self) -> AnalysisNet:
         if self._net is None:
             raise CheckpointError("learned filter used before prepare(): no network loaded")
         return self._net
+
+    def start(self, E: torch.Tensor):
+        return E if self._control_net is None else Recentred(E, E.mean(-2, keepdim=True))
+
+    def step(self, carry, model, obs: Obs, rng: BatchRNG):
+        if self._control_net is None:
+            return super().step(carry, model, obs, rng)
+        Ef, Ea = self.cycle(carry.E, model, obs, rng)
+        xf = model(carry.control)
+        xa = xf + _apply(self._control_net, xf, obs.HtRinv_innovation(xf[..., 0, :]), None)
+        Ea = Ea - Ea.mean(-2, keepdim=True) + xa
+        return Recentred(Ea, xa), Ef, Ea, None, 0
+
+    def restart(self, carry, bad: torch.Tensor, x: torch.Tensor):
+        if self._control_net is None:
+            return super().restart(carry, bad, x)
+        return Recentred(super().restart(carry.E, bad, x), super().restart(carry.control, bad, x))
 
     def analysis(self, E: torch.Tensor, obs: Obs, rng: BatchRNG) -> torch.Tensor:
         # Under evaluation (eval mode, no autograd) the network takes its inference path (AnalysisNet.infer);
@@ -146,8 +215,12 @@ class Learned(Filter):
         zeta_n = None  # each member's own innovation (= zeta for one), against perturbed observations if perturb > 0
         if not one:
             zeta_n = obs.HtRinv_innovation(E - self.perturb * obs.sigma * centred_normal(E, rng) if self.perturb else E)
-        dtype = next(self.net.parameters()).dtype
-        if E.dtype == dtype:
-            return E + self.net(E, zeta, zeta_n)
-        dE = self.net(E.to(dtype), zeta.to(dtype), None if zeta_n is None else zeta_n.to(dtype))
-        return E + dE.to(E.dtype)
+        return E + _apply(self.net, E, zeta, zeta_n)
+
+
+def _apply(net: AnalysisNet, E: torch.Tensor, zeta: torch.Tensor, zeta_n: torch.Tensor | None) -> torch.Tensor:
+    """The increment a_theta(E, zeta) in E's dtype, from a network in its own (float32: no conversion)."""
+    dtype = next(net.parameters()).dtype
+    if E.dtype == dtype:
+        return net(E, zeta, zeta_n)
+    return net(E.to(dtype), zeta.to(dtype), None if zeta_n is None else zeta_n.to(dtype)).to(E.dtype)

@@ -47,6 +47,9 @@ def calibrate(checkpoint: str | Path, values: list[float], *, N: int | None = No
                           "spread to calibrate; give --N 2 or more")
     if not values:
         raise ConfigError("calibrate: --grid gave no values")
+    if write and getattr(cfg.filter, "control", None) is not None:
+        raise ConfigError("calibrate --write: the sidecar's perturbation is that of the ensemble without a control; "
+                          "for one recentred on filter.control, give the chosen filter.perturb in its config")
     res = tune(cfg, [("filter.perturb", list(values))], out, progress=progress)
     target = calibrated_ratio(cfg.filter.N)
     points = [{"perturb": p["filter.perturb"], "armse": p["armse"], "armse_ci": p["armse_ci"], "spread": p["spread"],
