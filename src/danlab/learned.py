@@ -198,7 +198,7 @@ class Learned(Filter):
             return super().step(carry, model, obs, rng)
         Ef, Ea = self.cycle(carry.E, model, obs, rng)
         xf = model(carry.control)
-        xa = xf + _apply(self._control_net, xf, obs.HtRinv_innovation(xf[..., 0, :]), None)
+        xa = xf + _apply(self._control_net, xf, obs.HtRinv_innovation(xf[..., 0, :]), None, obs)
         Ea = Ea - Ea.mean(-2, keepdim=True) + xa
         return Recentred(Ea, xa), Ef, Ea, None, 0
 
@@ -215,12 +215,14 @@ class Learned(Filter):
         zeta_n = None  # each member's own innovation (= zeta for one), against perturbed observations if perturb > 0
         if not one:
             zeta_n = obs.HtRinv_innovation(E - self.perturb * obs.sigma * centred_normal(E, rng) if self.perturb else E)
-        return E + _apply(self.net, E, zeta, zeta_n)
+        return E + _apply(self.net, E, zeta, zeta_n, obs)
 
 
-def _apply(net: AnalysisNet, E: torch.Tensor, zeta: torch.Tensor, zeta_n: torch.Tensor | None) -> torch.Tensor:
-    """The increment a_theta(E, zeta) in E's dtype, from a network in its own (float32: no conversion)."""
+def _apply(net: AnalysisNet, E: torch.Tensor, zeta: torch.Tensor, zeta_n: torch.Tensor | None, obs: Obs) -> torch.Tensor:
+    """The increment a_theta(E, zeta) in E's dtype, from a network in its own (float32: no conversion); a network
+    with net.precision_input also gets the observation precision diag(H^T R^-1 H) of each site."""
     dtype = next(net.parameters()).dtype
+    prec = () if not net.cfg.precision_input else ((obs.mask * obs.Rinv).to(dtype),)
     if E.dtype == dtype:
-        return net(E, zeta, zeta_n)
-    return net(E.to(dtype), zeta.to(dtype), None if zeta_n is None else zeta_n.to(dtype)).to(E.dtype)
+        return net(E, zeta, zeta_n, *prec)
+    return net(E.to(dtype), zeta.to(dtype), None if zeta_n is None else zeta_n.to(dtype), *prec).to(E.dtype)

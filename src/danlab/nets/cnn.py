@@ -9,7 +9,10 @@ under permutations of the members, and one set of weights serves every ensemble 
 included). Being fully convolutional with circular padding, it also serves every Nx.
 
 Variants: 'cnn' (the reference residual CNN), 'linear' (the same layers without activations: an affine
-map of its inputs), 'simplified' (sees only zeta, not E^f).
+map of its inputs), 'simplified' (sees only zeta, not E^f). With `precision_input` the first two see a fifth
+channel, the observation precision of each site, diag(H^T R^-1 H) (sigma^-2 where observed, 0 elsewhere): zeta
+alone cannot tell an unobserved site from an observed one whose innovation is 0, so a network trained on sparse,
+time-varying networks has to hedge between the two; with this channel it need not.
 
 The output for member n is g * zeta_n + CNN(...), with zeta_n = H^T R^-1 (y - H x_n) the member's own
 innovation (zeta_n = zeta for a single state), a learnable scalar gain g initialised at `gain0`, and the
@@ -23,7 +26,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "elu": nn.ELU}
@@ -41,6 +44,15 @@ class NetConfig(BaseModel):
     gain0: float = Field(0.3, description="initial gain on zeta")
     shift: float = Field(2.3, description="state normalisation: (x - shift) / scale")
     scale: float = Field(3.6, gt=0, description="state normalisation: (x - shift) / scale")
+    precision_input: bool = Field(False, description="a fifth input channel: the observation precision per site, "
+                                  "diag(H^T R^-1 H) (sigma^-2 where observed, 0 elsewhere), for sparse, time-varying "
+                                  "networks (kinds cnn and linear)")
+
+    @model_validator(mode="after")
+    def _precision_kinds(self):
+        if self.precision_input and self.kind not in ("cnn", "linear"):
+            raise ValueError(f"net.precision_input: only the kinds cnn and linear take it (got kind {self.kind})")
+        return self
 
     @field_validator("kernel")
     @classmethod
@@ -81,7 +93,7 @@ class AnalysisNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         act = nn.Identity if cfg.kind == "linear" else ACTIVATIONS[cfg.activation]
-        cin = 1 if cfg.kind == "simplified" else 4
+        cin = 1 if cfg.kind == "simplified" else 4 + cfg.precision_input
         self.inp = _conv(cin, cfg.Nf, cfg.kernel)
         self.blocks = nn.Sequential(*[_Block(cfg.Nf, cfg.Nl, cfg.kernel, act) for _ in range(cfg.Nbl)])
         self.act = act()
@@ -90,7 +102,7 @@ class AnalysisNet(nn.Module):
         nn.init.zeros_(self.out.bias)
         self.gain = nn.Parameter(torch.tensor(float(cfg.gain0)))
 
-    def features(self, E: torch.Tensor, zeta: torch.Tensor) -> torch.Tensor:
+    def features(self, E: torch.Tensor, zeta: torch.Tensor, prec: torch.Tensor | None = None) -> torch.Tensor:
         """Input channels (B*N, C, Nx)."""
         B, N, Nx = E.shape
         z = zeta.unsqueeze(1).expand(B, N, Nx)
@@ -100,17 +112,28 @@ class AnalysisNet(nn.Module):
         xb = E.mean(1, keepdim=True)
         sd = E.std(1, keepdim=True) if N > 1 else torch.zeros_like(xb)
         chans = [(E - c.shift) / c.scale, ((xb - c.shift) / c.scale).expand_as(E), (sd / c.scale).expand_as(E), z]
-        return torch.stack(chans, 2).reshape(B * N, 4, Nx)
+        if c.precision_input:
+            chans.append(prec.unsqueeze(1).expand(B, N, Nx))
+        return torch.stack(chans, 2).reshape(B * N, len(chans), Nx)
 
-    def forward(self, E: torch.Tensor, zeta: torch.Tensor, zeta_members: torch.Tensor | None = None) -> torch.Tensor:
+    def _check_inputs(self, E, zeta, zeta_members, prec) -> None:
         if E.dim() != 3 or zeta.dim() != 2 or zeta.shape[0] != E.shape[0] or zeta.shape[-1] != E.shape[-1]:
             raise ValueError(f"a_theta expects E (B, N, Nx) and zeta (B, Nx); got {tuple(E.shape)} and {tuple(zeta.shape)}")
         if zeta_members is not None and zeta_members.shape != E.shape:
             raise ValueError(f"a_theta expects zeta_members of the shape of E {tuple(E.shape)}; got {tuple(zeta_members.shape)}")
+        if self.cfg.precision_input and (prec is None or prec.shape != zeta.shape):
+            got = "none" if prec is None else f"shape {tuple(prec.shape)}"
+            raise ValueError(f"this a_theta (net.precision_input) takes the observation precision diag(H^T R^-1 H) "
+                             f"of each site, shaped like zeta {tuple(zeta.shape)}; got {got}")
+
+    def forward(self, E: torch.Tensor, zeta: torch.Tensor, zeta_members: torch.Tensor | None = None,
+                prec: torch.Tensor | None = None) -> torch.Tensor:
+        """prec: the observation precision of each site (B, Nx), for a network with net.precision_input only."""
+        self._check_inputs(E, zeta, zeta_members, prec)
         if not self.training and not torch.is_grad_enabled():
-            return self.infer(E, zeta, zeta_members)
+            return self.infer(E, zeta, zeta_members, prec)
         B, N, Nx = E.shape
-        h = self.blocks(self.inp(self.features(E, zeta)))
+        h = self.blocks(self.inp(self.features(E, zeta, prec)))
         da = self.out(self.act(h)).view(B, N, Nx)
         return da + self.gain * (zeta.unsqueeze(1) if zeta_members is None else zeta_members)
 
@@ -168,7 +191,8 @@ class AnalysisNet(nn.Module):
                                              for c in convs]
         return plan
 
-    def infer(self, E: torch.Tensor, zeta: torch.Tensor, zeta_members: torch.Tensor | None = None) -> torch.Tensor:
+    def infer(self, E: torch.Tensor, zeta: torch.Tensor, zeta_members: torch.Tensor | None = None,
+              prec: torch.Tensor | None = None) -> torch.Tensor:
         """forward() without autograd, by gathers and matrix products (see above); E (B, N, Nx) -> (B, N, Nx)."""
         B, N, Nx = E.shape
         rows = B * N
@@ -181,7 +205,10 @@ class AnalysisNet(nn.Module):
                 xb, sd = (E.mean(1, keepdim=True) - c.shift) / c.scale, E.std(1, keepdim=True) / c.scale
             else:  # a single member is its own mean (to the bit), with no spread
                 xb, sd = e, torch.zeros_like(e)
-            x = torch.stack([e, xb.expand_as(E), sd.expand_as(E), zeta.unsqueeze(1).expand(B, N, Nx)]).view(4, rows * Nx)
+            chans = [e, xb.expand_as(E), sd.expand_as(E), zeta.unsqueeze(1).expand(B, N, Nx)]
+            if c.precision_input:
+                chans.append(prec.unsqueeze(1).expand(B, N, Nx))
+            x = torch.stack(chans).view(len(chans), rows * Nx)
         # past ~1,000 columns the gathered (C * k, columns) matrix leaves the cache and the product slows down
         # (measured: 22 GFLOP/s at 640-1,280 columns, 15 at 5,120): runs of rows are then cycled one after another
         per = max(1, self.MAX_COLUMNS // Nx)

@@ -240,19 +240,30 @@ class Trainer:
         carries its own), which must have this run's network config, or the same with fewer residual blocks
         (net.Nbl): the network then grows, its blocks followed by new ones whose last convolution is zero, so
         that each new block starts as the identity and the grown network computes what the stored one did (a
-        curriculum from a small network to a large one). The average starts from them too."""
+        curriculum from a small network to a large one). It may also gain the precision input (net.precision_input
+        true where the stored one has none): its weights on that channel start at zero, so that, again, the network
+        starts from what the stored one computed. The average starts from them too."""
         net, _ = load_net(path)
         theirs, ours = net.cfg.model_dump(mode="json"), self.cfg.net.model_dump(mode="json")
-        grow = theirs["Nbl"] < ours["Nbl"] and {**theirs, "Nbl": ours["Nbl"]} == ours
-        if theirs != ours and not grow:
-            diff = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
-            k = next((k for k in diff if k != "Nbl"), diff[0])  # what stops a growth, when the blocks would grow
+        widen = not theirs.get("precision_input") and ours.get("precision_input")
+        grow = theirs["Nbl"] < ours["Nbl"]
+        allowed = {**theirs, "Nbl": ours["Nbl"] if grow else theirs["Nbl"],
+                   "precision_input": ours["precision_input"] if widen else theirs.get("precision_input")}
+        if allowed != ours:
+            diff = [k for k in sorted(set(theirs) | set(ours)) if allowed.get(k) != ours.get(k)]
+            k = diff[0]
             raise ConfigError(f"train.init_from: {path} holds a network with net.{k} = {theirs.get(k)!r}, this run's "
                               f"net.{k} is {ours.get(k)!r}" + (" (a network can only grow: more blocks, net.Nbl, "
-                                                              "nothing else changed)" if k == "Nbl" else ""))
+                                                              "or the precision input, net.precision_input, "
+                                                              "nothing else changed)" if k in ("Nbl", "precision_input")
+                                                              or grow or widen else ""))
+        state = net.state_dict()
+        if widen:  # the first convolution's weights on the new channel (the last input channel) start at zero
+            w = state["inp.weight"]
+            state = state | {"inp.weight": torch.cat([w, torch.zeros_like(w[:, :1])], 1)}
         new = range(theirs["Nbl"], ours["Nbl"])  # the blocks a grown network adds (none otherwise)
         for target in [self.net] + ([self.avg] if self.avg is not None else []):
-            target.load_state_dict(net.state_dict(), strict=not grow)  # a grown network: its new blocks only missing
+            target.load_state_dict(state, strict=not grow)  # a grown network: its new blocks only missing
             with torch.no_grad():
                 for b in new:
                     last = target.blocks[b].f[-1]
