@@ -693,3 +693,48 @@ def test_trajectory_normalised_loss_weighs_each_trajectory_by_the_inverse_of_its
     assert float(torch.nn.functional.cosine_similarity(plain, weighted, dim=0)) < 0.99  # another direction
     with pytest.raises(ValueError, match="loss_norm"):
         tiny(loss_norm="trajectory", loss="semisupervised")
+
+
+def test_the_precision_input_tells_unobserved_sites_from_zero_innovations_and_can_be_added(tmp_path):
+    """net.precision_input: a fifth channel, diag(H^T R^-1 H) per site. A site left unobserved and one observed
+    with a zero innovation give the same zeta, so a network without it cannot tell them apart and one with it can;
+    train.init_from adds it to a saved network with zero weights on the channel (the same analyses at step 0), its
+    inference path equals its layers, and a network that needs it refuses to run without it."""
+    from pydantic import ValidationError
+
+    from danlab.nets import NetConfig
+    from danlab.observations import Obs
+    train(tiny(max_steps=3), tmp_path / "src", progress=False)
+    saved, _ = load_net(tmp_path / "src")
+    cfg = TrainRunConfig.model_validate(json.loads(json.dumps(TINY)) | {
+        "net": TINY["net"] | {"precision_input": True}, "train": TINY["train"] | {"init_from": str(tmp_path / "src"), "ema": 0.9}})
+    tr = Trainer(cfg, tmp_path / "widened")
+    tr.warm_start(cfg.train.init_from)
+    assert tr.net.inp.weight.shape[1] == 5 and not tr.net.inp.weight[:, 4].any()
+    assert torch.equal(tr.net.inp.weight[:, :4], saved.inp.weight) and torch.equal(tr.avg.inp.weight, tr.net.inp.weight)
+    # two observation networks with the same zeta: site 3 unobserved, or observed with y equal to the forecast there
+    x = 8 + torch.randn(2, 1, 40)
+    mask = torch.ones(2, 40)
+    mask[:, 3] = 0
+    y = x[:, 0] + torch.randn(2, 40)
+    y[:, 3] = x[:, 0, 3]
+    obs_a, obs_b = Obs(y * mask, mask, 1.0), Obs(y, torch.ones(2, 40), 1.0)
+    old, new = Learned.from_net(saved.eval()), Learned.from_net(tr.net.eval())
+    with torch.no_grad():
+        assert torch.equal(obs_a.HtRinv_innovation(x[:, 0]), obs_b.HtRinv_innovation(x[:, 0]))
+        za = old.analysis(x, obs_a, None)
+        assert torch.equal(za, old.analysis(x, obs_b, None))  # blind to the difference
+        torch.testing.assert_close(new.analysis(x, obs_a, None), za, rtol=0, atol=1e-6)  # step 0: the saved network
+        tr.net.inp.weight[:, 4].normal_()
+        assert not torch.allclose(new.analysis(x, obs_a, None), new.analysis(x, obs_b, None), atol=1e-4)
+        layers = tr.net.train()(x, obs_a.HtRinv_innovation(x[:, 0]), None, obs_a.mask)
+        torch.testing.assert_close(tr.net.eval()(x, obs_a.HtRinv_innovation(x[:, 0]), None, obs_a.mask), layers,
+                                   rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="precision_input"):
+            tr.net(x, obs_a.HtRinv_innovation(x[:, 0]))
+    with pytest.raises(ValidationError, match="only the kinds cnn and linear"):
+        NetConfig(kind="simplified", precision_input=True)
+    # it trains: the channel's weights leave zero, and the run's network keeps the channel
+    train(cfg, tmp_path / "run", progress=False)
+    trained, _ = load_net(tmp_path / "run")
+    assert trained.cfg.precision_input and trained.inp.weight[:, 4].abs().max() > 0
