@@ -738,3 +738,6 @@ def test_the_precision_input_tells_unobserved_sites_from_zero_innovations_and_ca
     train(cfg, tmp_path / "run", progress=False)
     trained, _ = load_net(tmp_path / "run")
     assert trained.cfg.precision_input and trained.inp.weight[:, 4].abs().max() > 0
+    from danlab.experiments.export import export
+    export(tmp_path / "run", tmp_path / "shipped", cycles=40, burn_in=10, batch=1, seed=0)  # evaluated with its input
+    assert "the observation precision as a fifth input" in (tmp_path / "shipped" / "README.md").read_text()
