@@ -148,29 +148,22 @@ class Learned(Filter):
             return self
         if self.checkpoint is None:
             raise CheckpointError("filter.checkpoint: the learned filter needs a checkpoint folder")
-        net, meta = load_net(self.checkpoint)
-        try:
-            net.cfg.check_size(model.Nx)
-        except ValueError as exc:
-            raise CheckpointError(f"{self.checkpoint}: {exc}") from None
+        net, meta = _load_sized(self.checkpoint, model.Nx)
+        where = str(resolve_net_dir(self.checkpoint))
         perturb = self.perturb
         if perturb is None:
-            perturb = default_perturb(meta, self.N, str(resolve_net_dir(self.checkpoint)))
-        control = None
-        if self.control is not None:
-            if perturb and self.perturb is None and calibrated_perturb(meta, self.N, str(resolve_net_dir(self.checkpoint))):
+            if self.control is not None and calibrated_perturb(meta, self.N, where):
                 raise CheckpointError(f"{self.checkpoint}: its calibrated perturbation is that of the ensemble without "
                                       "a control; give filter.perturb for the recentred one (danlab calibrate "
                                       "--set filter.control=...)")
-            control, cmeta = load_net(self.control)
+            perturb = default_perturb(meta, self.N, where)
+        control = None
+        if self.control is not None:
+            control, cmeta = _load_sized(self.control, model.Nx)
             names = [m["trained_with"].get("model", {}).get("name") for m in (meta, cmeta)]
             if None not in names and names[0] != names[1]:
                 raise CheckpointError(f"{self.control}: trained on the model {names[1]}, the ensemble's network "
                                       f"({self.checkpoint}) on {names[0]}: a control must analyse the same dynamics")
-            try:
-                control.cfg.check_size(model.Nx)
-            except ValueError as exc:
-                raise CheckpointError(f"{self.control}: {exc}") from None
             control = control.to(device)
         f = type(self)(N=self.N, perturb=perturb, checkpoint=self.checkpoint, control=self.control)
         f._net, f._control_net = net.to(device), control
@@ -216,6 +209,16 @@ class Learned(Filter):
         if not one:
             zeta_n = obs.HtRinv_innovation(E - self.perturb * obs.sigma * centred_normal(E, rng) if self.perturb else E)
         return E + _apply(self.net, E, zeta, zeta_n, obs)
+
+
+def _load_sized(path: str, Nx: int) -> tuple[AnalysisNet, dict]:
+    """`load_net`, refusing a network whose kernel cannot wrap states of size Nx."""
+    net, meta = load_net(path)
+    try:
+        net.cfg.check_size(Nx)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return net, meta
 
 
 def _apply(net: AnalysisNet, E: torch.Tensor, zeta: torch.Tensor, zeta_n: torch.Tensor | None, obs: Obs) -> torch.Tensor:
