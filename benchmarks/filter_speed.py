@@ -103,6 +103,18 @@ def grid(quick: bool, threads2_batched: bool = False) -> list[tuple]:
 
 # ---------------------------------------------------------------- profile of the learned filter at B = 1
 
+def best_us(fn, n: int) -> float:
+    """CPU microseconds per call of fn, the fastest of 5 runs of n calls (after one warm-up call)."""
+    fn()
+    t = float("inf")
+    for _ in range(5):
+        c0 = time.process_time()
+        for _ in range(n):
+            fn()
+        t = min(t, (time.process_time() - c0) / n)
+    return 1e6 * t
+
+
 def profile_learned(Nx: int, reps: int = 200) -> dict:
     """Microseconds per cycle of each part of a learned-filter cycle, each timed alone on the same tensors (CPU
     time, threads 1, best of 5), and the whole cycle from run_cycles; 'Python and the rest' is the difference."""
@@ -115,14 +127,7 @@ def profile_learned(Nx: int, reps: int = 200) -> dict:
     x, obs = twin.step()
     zeta = obs.HtRinv_innovation(E[..., 0, :])
 
-    def best(fn, n=reps):
-        t = float("inf")
-        for _ in range(5):
-            c0 = time.process_time()
-            for _ in range(n):
-                fn()
-            t = min(t, (time.process_time() - c0) / n)
-        return 1e6 * t
+    best = lambda fn, n=reps: best_us(fn, n)
 
     def layers():
         net.train()

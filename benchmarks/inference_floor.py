@@ -39,19 +39,7 @@ from danlab.twin import TwinStream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, markdown_table, provenance  # noqa: E402
-from filter_speed import ROOT, dapper_python, machine, make_filter, measure, run_dapper  # noqa: E402
-
-
-def best_us(fn, n: int) -> float:
-    """CPU microseconds per call of fn, the fastest of 5 runs of n calls (after one warm-up call)."""
-    fn()
-    t = float("inf")
-    for _ in range(5):
-        c0 = time.process_time()
-        for _ in range(n):
-            fn()
-        t = min(t, (time.process_time() - c0) / n)
-    return 1e6 * t
+from filter_speed import ROOT, best_us, dapper_python, machine, make_filter, measure, run_dapper  # noqa: E402
 
 
 def fastest(*configs: tuple, seconds: float, reps: int = 5) -> list[dict]:
