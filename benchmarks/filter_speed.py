@@ -387,10 +387,11 @@ NOTES = """## What changed (issue 19) and what the figures say
   ~10 % faster: not worth it); exact GELU as erf arithmetic (no faster); a 2-thread split of the batched `eigh`
   (no gain on 2 busy cores); fusing the EnKF-N's mean and anomaly products (breaks the bit-exact independence of a
   batch's rows that tests/test_hardening.py asks for).
-- **Not done, the next step for a_θ**: a traced and frozen inference graph (`torch.jit.trace` + `torch.jit.freeze`
-  of `infer`, per shape) measured 1.7 ms against 3.0 ms for the eager inference path at Nx 40 under load (no
-  compiler needed), but it bakes the weights in (it must be rebuilt after every optimiser step, i.e. at each
-  validation) and TorchScript is deprecated: left out of this change.
+- **A traced and frozen graph, measured (2026-12-01; not adopted)**: `torch.jit.trace` + `torch.jit.freeze` of the
+  inference path runs the same ATen kernels without Python between them, equal to 3e-8: on an idle machine 0.53 →
+  0.43 ms at Nx 40 and 1.15 → 1.06 ms at Nx 160 (docs/results/inference_floor.md). An earlier measurement under load
+  (1.7 against 3.0 ms) overstated the gain. Neither ratio comes near its target this way, the weights are baked into
+  the graph, and TorchScript is deprecated.
 - **Threads 2 do not pay here**: on 2 cores shared with other jobs, 2 intra-op threads make most configurations
   slower, some by 10-30× (OpenMP threads waiting on each other), as DESIGN.md says; B 64 with 2 threads is only
   run with --threads2-batched.
@@ -403,7 +404,12 @@ NOTES = """## What changed (issue 19) and what the figures say
   0.74 ms, a_θ 0.88 ms, its network's calls barely lighter under inference_mode). The network's calls alone
   (~0.45 ms) keep the ratio above 0.5 at Nx 40: ≤ 0.5 needs fewer calls than one per layer (a compiled or traced graph, with its own
   costs; see "Not done") or a smaller network. At Nx 160 the network's arithmetic (69 MFLOP) alone is ~0.3 of the EnKF-N(160)'s whole cycle (~4 ms):
-  ≤ 0.1× is not reachable by code for this network on this CPU.
+  ≤ 0.1× is not reachable by code for this network on this CPU. `python benchmarks/inference_floor.py`
+  (docs/results/inference_floor.md, 2026-12-01, idle Xeon) bounds it: with the rest of the cycle as measured and the
+  network replaced by its 27 matrix products alone (gathers, activations, residual adds and Python free), the ratio
+  would be 0.74 at Nx 40 and 0.31 at Nx 160; with its FLOPs at the rate of one large 1024 × 1024 product on this core
+  (160 GFLOP/s, no call overhead at all), 0.58 and 0.25. Both stay above 0.5 and 0.1, so no rewrite of this
+  network's inference meets them here in float32.
 - **The DAPPER targets** (2-core AVX-512 Xeon): at B 1 danlab's EnKF-N (N 20) cycle was ~1.0–1.1 ms and DAPPER's
   2.4–3.1 ms in the timed runs on this machine (its own loop, NumPy on one state, varies as much as danlab's between
   runs): 2.1× before the NumPy model, 3.1× and 3.0× after it; 1.7× and 2.6× in earlier runs on a 2-core AVX2 EPYC.
@@ -419,7 +425,10 @@ NOTES = """## What changed (issue 19) and what the figures say
   torch.linalg.eigh, ~2.0 ms of this run's 5.65 ms) are the largest part of the cycle, the model (~1 ms for 64 × 20
   members) the next: 39.7× in this run against 50×. The next lever there: an eigensolver batched across matrices
   (e.g. Jacobi sweeps on the whole batch), which changes every EnKF-N score's round-off (all stored EnKF-N tables
-  would be rerun), or the eigh split across processes.
+  would be rerun), or the eigh split across processes. benchmarks/inference_floor.py (2026-12-01, idle Xeon): DAPPER
+  2.40 ms per cycle in that run, so 50× asks for ≤ 3.07 ms at B 64, while the truth, observations, forecast and the 64
+  eigendecompositions alone take 3.30 ms of the 5.25: out of reach without changing those parts' arithmetic (and so
+  every stored score), whatever the rest of the analysis costs.
 """
 
 
