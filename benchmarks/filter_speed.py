@@ -402,8 +402,8 @@ NOTES = """## What changed (issue 19) and what the figures say
   with N 40 takes 1.3–1.45 ms in all (0.92 ms after the third change above, which speeds up the ensemble filters far
   more than the a_θ cycle: the ratio at Nx 40 went from 0.76 to 0.97, and to 1.20 after the fifth: EnKF-N(40)
   0.74 ms, a_θ 0.88 ms, its network's calls barely lighter under inference_mode). The network's calls alone
-  (~0.45 ms) keep the ratio above 0.5 at Nx 40: ≤ 0.5 needs fewer calls than one per layer (a compiled or traced graph, with its own
-  costs; see "Not done") or a smaller network. At Nx 160 the network's arithmetic (69 MFLOP) alone is ~0.3 of the EnKF-N(160)'s whole cycle (~4 ms):
+  (~0.45 ms) keep the ratio above 0.5 at Nx 40: fewer calls (a traced graph, above) do not bring it to 0.5, nor would free calls (the
+  floors below); a smaller network would. At Nx 160 the network's arithmetic (69 MFLOP) alone is ~0.3 of the EnKF-N(160)'s whole cycle (~4 ms):
   ≤ 0.1× is not reachable by code for this network on this CPU. `python benchmarks/inference_floor.py`
   (docs/results/inference_floor.md, 2026-12-01, idle Xeon) bounds it: with the rest of the cycle as measured and the
   network replaced by its 27 matrix products alone (gathers, activations, residual adds and Python free), the ratio
