@@ -405,11 +405,13 @@ NOTES = """## What changed (issue 19) and what the figures say
   (~0.45 ms) keep the ratio above 0.5 at Nx 40: fewer calls (a traced graph, above) do not bring it to 0.5, nor would free calls (the
   floors below); a smaller network would. At Nx 160 the network's arithmetic (69 MFLOP) alone is ~0.3 of the EnKF-N(160)'s whole cycle (~4 ms):
   ≤ 0.1× is not reachable by code for this network on this CPU. `python benchmarks/inference_floor.py`
-  (docs/results/inference_floor.md, 2026-12-01, idle Xeon) bounds it: with the rest of the cycle as measured and the
-  network replaced by its 27 matrix products alone (gathers, activations, residual adds and Python free), the ratio
-  would be 0.74 at Nx 40 and 0.31 at Nx 160; with its FLOPs at the rate of one large 1024 × 1024 product on this core
-  (160 GFLOP/s, no call overhead at all), 0.58 and 0.25. Both stay above 0.5 and 0.1, so no rewrite of this
-  network's inference meets them here in float32.
+  (docs/results/inference_floor.md; three runs on 2026-12-01, idle Xeon) bounds it: with the rest of the cycle as
+  measured and the network replaced by its 27 matrix products alone (gathers, activations, residual adds and Python
+  free), the ratio would be 0.65–0.74 at Nx 40 and 0.28–0.31 at Nx 160; with its FLOPs at the rate of one large
+  1024 × 1024 product on this core (~160 GFLOP/s, no call overhead at all), 0.48–0.58 and 0.22–0.25. At Nx 160 no
+  rewrite of this network's float32 inference meets 0.1 here, nor would a network of 5 convolutions (0.16). At Nx 40
+  only a fused kernel of the whole network with no call overhead, running at the large product's rate, would sit at
+  the bound, as would a network of 5 convolutions (0.49–0.52).
 - **The DAPPER targets** (2-core AVX-512 Xeon): at B 1 danlab's EnKF-N (N 20) cycle was ~1.0–1.1 ms and DAPPER's
   2.4–3.1 ms in the timed runs on this machine (its own loop, NumPy on one state, varies as much as danlab's between
   runs): 2.1× before the NumPy model, 3.1× and 3.0× after it; 1.7× and 2.6× in earlier runs on a 2-core AVX2 EPYC.
@@ -426,8 +428,8 @@ NOTES = """## What changed (issue 19) and what the figures say
   members) the next: 39.7× in this run against 50×. The next lever there: an eigensolver batched across matrices
   (e.g. Jacobi sweeps on the whole batch), which changes every EnKF-N score's round-off (all stored EnKF-N tables
   would be rerun), or the eigh split across processes. benchmarks/inference_floor.py (2026-12-01, idle Xeon): DAPPER
-  2.40 ms per cycle in that run, so 50× asks for ≤ 3.07 ms at B 64, while the truth, observations, forecast and the 64
-  eigendecompositions alone take 3.30 ms of the 5.25: out of reach without changing those parts' arithmetic (and so
+  2.35–2.40 ms per cycle in its three runs, so 50× asks for ≤ 3.0–3.07 ms at B 64, while the truth, observations,
+  forecast and the 64 eigendecompositions alone take 3.30–3.56 ms of the 5.25–5.44: out of reach without changing those parts' arithmetic (and so
   every stored score), whatever the rest of the analysis costs.
 """
 
