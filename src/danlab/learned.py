@@ -149,9 +149,9 @@ class Learned(Filter):
         if self.checkpoint is None:
             raise CheckpointError("filter.checkpoint: the learned filter needs a checkpoint folder")
         net, meta = _load_sized(self.checkpoint, model.Nx)
-        where = str(resolve_net_dir(self.checkpoint))
         perturb = self.perturb
         if perturb is None:
+            where = str(resolve_net_dir(self.checkpoint))
             if self.control is not None and calibrated_perturb(meta, self.N, where):
                 raise CheckpointError(f"{self.checkpoint}: its calibrated perturbation is that of the ensemble without "
                                       "a control; give filter.perturb for the recentred one (danlab calibrate "
