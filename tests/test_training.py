@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from danlab.checkpoint import CheckpointError
+from danlab.experiments.export import export
 from danlab.learned import Learned, load_net, save_net
 from danlab.nets import NetConfig, build_net
 from danlab.training.train_config import TrainRunConfig
@@ -452,7 +453,6 @@ def test_init_from_starts_a_run_from_a_saved_network(tmp_path):
     shutil.rmtree(tmp_path / "src")
     assert train(cfg, tmp_path / "warm", resume=True, progress=False)["step"] == 4
     # the exported ensemble network says how it was trained and how calibrated it is
-    from danlab.experiments.export import export
     prov = export(tmp_path / "warm", tmp_path / "shipped", cycles=60, burn_in=10, batch=2, seed=0)
     ev = prov["evaluation"]
     assert len(ev["rank_hist"]) == 4 and sum(ev["rank_hist"]) == pytest.approx(1.0)
@@ -615,7 +615,6 @@ def test_code_version_is_read_once_per_session_and_kept_across_resumes(tmp_path,
     """A run records the code its process started with, not a commit made while it trains; a resume under other code
     adds that session, and exported weights say both."""
     import danlab.training.trainer as trainer_module
-    from danlab.experiments.export import export
     versions = iter(["aaa", "changed-while-training"] + ["changed-while-training"] * 50)
     monkeypatch.setattr(trainer_module, "code_version", lambda: next(versions))
     train(tiny(), tmp_path / "run", stop_after=3, progress=False)
@@ -738,6 +737,5 @@ def test_the_precision_input_tells_unobserved_sites_from_zero_innovations_and_ca
     train(cfg, tmp_path / "run", progress=False)
     trained, _ = load_net(tmp_path / "run")
     assert trained.cfg.precision_input and trained.inp.weight[:, 4].abs().max() > 0
-    from danlab.experiments.export import export
     export(tmp_path / "run", tmp_path / "shipped", cycles=40, burn_in=10, batch=1, seed=0)  # evaluated with its input
     assert "the observation precision as a fifth input" in (tmp_path / "shipped" / "README.md").read_text()
