@@ -459,10 +459,10 @@ def test_init_from_starts_a_run_from_a_saved_network(tmp_path):
     assert ev["spread_ratio"] == pytest.approx(ev["spread"] / ev["armse"], rel=1e-9)
     text = (tmp_path / "shipped" / "README.md").read_text()
     assert "energy score of its 3 members" in text and "perturbed by 1.0" in text and "init_from" in text
-    other = TINY | {"net": {"Nf": 4, "Nbl": 1, "Nl": 2}}
+    other = TINY | {"net": {"Nf": 8, "Nbl": 1, "Nl": 3}}
     train(TrainRunConfig.model_validate(json.loads(json.dumps(other)) | {"train": TINY["train"] | {"max_steps": 1}}),
           tmp_path / "other", progress=False)
-    with pytest.raises(ConfigError, match="train.init_from: .* net.Nf = 4, this run's net.Nf is 8"):
+    with pytest.raises(ConfigError, match="train.init_from: .* net.Nl = 3, this run's net.Nl is 2$"):
         train(tiny(init_from=str(tmp_path / "other")), tmp_path / "refused", progress=False)
     assert not (tmp_path / "refused").exists()
 
@@ -492,10 +492,40 @@ def test_init_from_grows_a_network_by_blocks_that_start_as_the_identity(tmp_path
         "net": TINY["net"] | {"Nbl": 0}, "train": TINY["train"] | {"init_from": str(tmp_path / "src")}})
     with pytest.raises(ConfigError, match="net.Nbl = 1, this run's net.Nbl is 0 .*can only grow"):
         train(shrink, tmp_path / "shrunk", progress=False)
-    wider = TrainRunConfig.model_validate(json.loads(json.dumps(TINY)) | {
+    narrower = TrainRunConfig.model_validate(json.loads(json.dumps(TINY)) | {
         "net": TINY["net"] | {"Nbl": 2, "Nf": 4}, "train": TINY["train"] | {"init_from": str(tmp_path / "src")}})
-    with pytest.raises(ConfigError, match="net.Nf = 8, this run's net.Nf is 4"):
-        train(wider, tmp_path / "wider", progress=False)
+    with pytest.raises(ConfigError, match="net.Nf = 8, this run's net.Nf is 4 .*can only grow"):
+        train(narrower, tmp_path / "narrower", progress=False)
+
+
+def test_init_from_widens_a_network_whose_new_channels_start_unheard(tmp_path):
+    """train.init_from with more filters (net.Nf) than the saved network, and more blocks: the stored channels keep
+    their weights and never read the new ones, the new channels reach the output through zero weights, so the
+    wider network computes what the saved one did (to float32 round-off), then the new channels train."""
+    train(tiny(max_steps=3), tmp_path / "src", progress=False)
+    saved, _ = load_net(tmp_path / "src")
+    wide_cfg = TrainRunConfig.model_validate(json.loads(json.dumps(TINY)) | {
+        "net": TINY["net"] | {"Nf": 12, "Nbl": 2}, "train": TINY["train"] | {"init_from": str(tmp_path / "src"),
+                                                                           "max_steps": 4, "ema": 0.9}})
+    tr = Trainer(wide_cfg, tmp_path / "wide")
+    fresh_inp = tr.net.inp.weight.detach().clone()
+    tr.warm_start(wide_cfg.train.init_from)
+    w = tr.net.blocks[0].f[0].weight
+    assert w.shape == (12, 12, 5) and torch.equal(w[:8, :8], saved.blocks[0].f[0].weight)
+    assert not w[:8, 8:].any() and w[8:].abs().min() > 0  # stored outputs deaf to new inputs; new rows random
+    assert torch.equal(tr.net.inp.weight[8:], fresh_inp[8:]) and torch.equal(tr.net.inp.bias[:8], saved.inp.bias)
+    assert not tr.net.out.weight[:, 8:].any() and torch.equal(tr.net.out.weight[:, :8], saved.out.weight)
+    assert all(torch.equal(p, q) for p, q in zip(tr.net.parameters(), tr.avg.parameters()))
+    E, zeta = 3 + 2 * torch.randn(4, 1, 40), torch.randn(4, 40)
+    with torch.no_grad():
+        saved.train(), tr.net.train()
+        ref = saved(E, zeta)
+        assert float((tr.net(E, zeta) - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+        saved.eval(), tr.net.eval()
+        assert float((tr.net(E, zeta) - ref).abs().max()) <= 1e-6 * float(ref.abs().max())  # the inference path too
+    train(wide_cfg, tmp_path / "wide_run", progress=False)
+    trained, _ = load_net(tmp_path / "wide_run")
+    assert trained.out.weight[:, 8:].abs().max() > 0 and trained.cfg.Nf == 12  # the new channels learn
 
 
 def test_training_stops_at_its_wall_clock_budget_and_validates_there(tmp_path):

@@ -43,7 +43,8 @@ class TrainConfig(Strict):
     init_from: str | None = Field(None, description="a network folder (or training run folder) whose weights start the "
                                   "run instead of a random initialisation (a warm start, e.g. an Ne = 10 network from "
                                   "an Ne = 1 one); its network config must equal `net`, or have fewer blocks (net.Nbl: the network "
-                                  "grows, the new blocks starting as the identity)")
+                                  "grows, the new blocks starting as the identity) or fewer filters (net.Nf: the new "
+                                  "channels reach the output through weights that start at zero)")
     teacher_weight: float = Field(0.0, ge=0, le=1, description="supervised target = w × the analysis mean of a "
                                   "classical teacher (EnKF-N) cycled on the same observations + (1 - w) × the truth "
                                   "(0: the truth alone); measured: 3.7x less gradient noise than the truth's")
