@@ -384,8 +384,10 @@ NOTES = """## What changed (issue 19) and what the figures say
   N 20 one experiment 0.82 → 0.64 ms per cycle (1.27×); IEnKS lag 1 1.55 → 1.49 ms (within noise). At B 64 the cycle
   is dominated by the 64 eigendecompositions and the model, which neither change touches.
 - Tried and left out: `torch.compile` of the inference path (gcc is here, but 230 s to compile under this load and
-  ~10 % faster: not worth it); exact GELU as erf arithmetic (no faster); a 2-thread split of the batched `eigh`
-  (no gain on 2 busy cores); fusing the EnKF-N's mean and anomaly products (breaks the bit-exact independence of a
+  ~10 % faster: not worth it); exact GELU as erf arithmetic (no faster); a split of the batched `eigh` across 2
+  Python threads (bit-equal; on the idle Xeon, 2026-12-01, the 64 decompositions alone 2.0 → 1.16 ms, but the whole
+  B-64 EnKF-N cycle only 5.4–6.4 → 5.2–5.4 ms at threads 1, using 6.2–6.5 ms of CPU, and nothing at threads 2, where
+  torch's own OpenMP threads hold the second core: not worth a thread pool); fusing the EnKF-N's mean and anomaly products (breaks the bit-exact independence of a
   batch's rows that tests/test_hardening.py asks for).
 - **A traced and frozen graph, measured (2026-12-01; not adopted)**: `torch.jit.trace` + `torch.jit.freeze` of the
   inference path runs the same ATen kernels without Python between them, equal to 3e-8: on an idle machine 0.53 →
