@@ -520,9 +520,9 @@ def test_init_from_widens_a_network_whose_new_channels_start_unheard(tmp_path):
     with torch.no_grad():
         saved.train(), tr.net.train()
         ref = saved(E, zeta)
-        assert float((tr.net(E, zeta) - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+        assert float((tr.net(E, zeta) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
         saved.eval(), tr.net.eval()
-        assert float((tr.net(E, zeta) - ref).abs().max()) <= 1e-6 * float(ref.abs().max())  # the inference path too
+        assert float((tr.net(E, zeta) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())  # the inference path too
     train(wide_cfg, tmp_path / "wide_run", progress=False)
     trained, _ = load_net(tmp_path / "wide_run")
     assert trained.out.weight[:, 8:].abs().max() > 0 and trained.cfg.Nf == 12  # the new channels learn
