@@ -198,13 +198,14 @@ def validate(cfg: TrainRunConfig, net, cycles: int | None = None, with_spread: b
 
 
 def _widen(stored: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The stored network's tensors set into a wider network's (more filters, net.Nf), for train.init_from. Each
-    stored tensor fills the leading corner of the wider one (output channels first, then input channels); the
-    entries of the new channels keep the wider network's fresh initialisation, except the weights by which a stored
-    output channel would read a new input channel, which are zero. So the stored channels compute what they did,
-    the new channels reach the increment only through the output layer's weights on them, which start at zero (as
-    every output layer's do), and the wider network starts from the stored network's analyses (to float32
-    round-off: its products sum over more, zero, terms). Net2Net's function-preserving widening, new units random."""
+    """The stored network's tensors set into a wider network's (more filters, net.Nf, or the precision input's extra
+    input channel), for train.init_from. Each stored tensor fills the leading corner of the wider one (output
+    channels first, then input channels); the entries of the new channels keep the wider network's fresh
+    initialisation, except the weights by which a stored output channel would read a new input channel, which are
+    zero. So the stored channels compute what they did, the new channels reach the increment only through the
+    output layer's weights on them, which start at zero (as every output layer's do), and the wider network starts
+    from the stored network's analyses (to float32 round-off: its products sum over more, zero, terms). Net2Net's
+    function-preserving widening, new units random."""
     out = {}
     for k, w in stored.items():
         t = fresh[k].clone()
@@ -258,10 +259,10 @@ class Trainer:
         carries its own), which must have this run's network config, or the same with fewer residual blocks
         (net.Nbl): the network then grows, its blocks followed by new ones whose last convolution is zero, so
         that each new block starts as the identity and the grown network computes what the stored one did (a
-        curriculum from a small network to a large one). It may also be wider (more filters, net.Nf): see `_widen`.
-        And it may gain the precision input (net.precision_input true where the stored one has none): its weights on
-        that channel start at zero, so that, again, the network starts from what the stored one computed. The
-        average starts from them too."""
+        curriculum from a small network to a large one). It may also be wider (more filters, net.Nf) and gain the
+        precision input (net.precision_input true where the stored one has none): see `_widen`; the first
+        convolution's weights on that input channel start at zero, so that, again, the network starts from what the
+        stored one computed. The average starts from them too."""
         net, _ = load_net(path)
         theirs, ours = net.cfg.model_dump(mode="json"), self.cfg.net.model_dump(mode="json")
         gains_prec = not theirs.get("precision_input") and ours.get("precision_input")
@@ -279,10 +280,7 @@ class Trainer:
                                                               if k in ("Nbl", "Nf", "precision_input")
                                                               or grow or wider or gains_prec else ""))
         state = net.state_dict()
-        if gains_prec:  # the first convolution's weights on the new channel (the last input channel) start at zero
-            w = state["inp.weight"]
-            state = state | {"inp.weight": torch.cat([w, torch.zeros_like(w[:, :1])], 1)}
-        if wider:
+        if wider or gains_prec:
             state = _widen(state, self.net.state_dict())
         new = range(theirs["Nbl"], ours["Nbl"])  # the blocks a grown network adds (none otherwise)
         for target in [self.net] + ([self.avg] if self.avg is not None else []):
