@@ -70,6 +70,27 @@ def test_invariants_and_batching():
     assert float((y32.double() - y).abs().max()) < 1e-4 * float(y.abs().max())
 
 
+def test_dynamics_commute_with_the_reflection():
+    """M(R u) = R M(u) for (R u)_j = -u_{-j} (x -> -x, u -> -u), the symmetry a network may average over
+    (net.reflect, which only models declaring reflection_symmetric take); Lorenz 96 has no such symmetry."""
+    from danlab.models.lorenz96 import Lorenz96
+    from danlab.nets.cnn import reflect
+    model = KuramotoSivashinsky()
+    assert model.reflection_symmetric and not getattr(Lorenz96(), "reflection_symmetric", False)
+    x = attractor_states(4) + 0.3  # a nonzero mean, which R turns into its opposite
+    assert torch.equal(reflect(reflect(x)), x) and torch.equal(reflect(x)[..., 0], -x[..., 0])
+    scale = float(x.abs().max())
+    y = x
+    for _ in range(20):
+        y = model(y)
+    y_r = reflect(x)
+    for _ in range(20):
+        y_r = model(y_r)
+    assert float((y_r - reflect(y)).abs().max()) < 1e-10 * scale
+    l96, v = Lorenz96(), 8 + torch.randn(2, 40, dtype=f64)
+    assert float((l96(reflect(v)) - reflect(l96(v))).abs().max()) > 1e-2
+
+
 def test_tangent_linear_matches_finite_differences():
     """The gradient through torch.fft (used by the Lyapunov exponents, 4D-Var, training) is the model's derivative:
     the Jacobian-vector product from autograd against centred finite differences."""

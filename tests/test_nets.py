@@ -40,6 +40,45 @@ def test_circular_equivariance(kind):
         assert torch.allclose(shifted, net(E, z).roll(s, -1), atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["cnn", "linear", "simplified"])
+def test_reflect_averages_over_the_reflection_and_is_equivariant(kind):
+    """net.reflect: a(E, zeta) = [a_1(E, zeta) + R a_1(R E, R zeta)] / 2 with the same weights a_1 of the plain
+    network, (R u)_j = -u_{-j}; so a(R E, R zeta, R zeta_n) = R a(E, zeta, zeta_n) on the layers (training) and on
+    the inference path alike, which the plain network is not; the precision channel reflects without the sign."""
+    from danlab.nets.cnn import reflect
+    plain = _trained_like(NetConfig(kind=kind, Nf=8, Nbl=2, Nl=2, precision_input=kind != "simplified"))
+    sym = build_net(plain.cfg.model_copy(update={"reflect": True})).double()
+    sym.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(3)
+    E, z, zn = (torch.randn(*s, generator=g, dtype=torch.float64) for s in [(3, 2, 40), (3, 40), (3, 2, 40)])
+    prec = (torch.rand(3, 40, generator=g, dtype=torch.float64) > 0.5).double()
+    args = (E, z, zn, prec) if plain.cfg.precision_input else (E, z, zn)
+    mirrored = tuple(reflect(t, 1.0 if t is prec else -1.0) for t in args)
+    for train in (True, False):
+        for net in (plain, sym):
+            net.train(train)
+        with torch.set_grad_enabled(train):
+            a, a_r = sym(*args), sym(*mirrored)
+            torch.testing.assert_close(a_r, reflect(a), rtol=0, atol=1e-12)
+            torch.testing.assert_close(a, 0.5 * (plain(*args) + reflect(plain(*mirrored))), rtol=0, atol=1e-12)
+            assert not torch.allclose(plain(*mirrored), reflect(plain(*args)), atol=1e-3)
+            if kind != "simplified":  # the average is a new function of E (simplified sees zeta only, which is linear)
+                assert not torch.allclose(a, plain(*args), atol=1e-3)
+
+
+def test_reflect_is_refused_where_the_model_has_no_such_symmetry():
+    from pydantic import ValidationError
+
+    from danlab.config import ConfigError, load_config
+    from danlab.training.train_config import TrainRunConfig
+    with pytest.raises(ValidationError, match="net.reflect: only the 1-D kinds"):
+        NetConfig(kind="sphere", nlat=8, reflect=True)
+    with pytest.raises(ConfigError, match="net.reflect: the model Lorenz96 is not symmetric") as err:
+        load_config(TrainRunConfig, None, ["net.reflect=true"])
+    assert "\n" not in str(err.value)
+    load_config(TrainRunConfig, None, ["net.reflect=true", "model.name=ks"])  # KS has it
+
+
 def test_member_permutation_equivariance():
     net = _trained_like(NetConfig(Nf=8, Nbl=1, Nl=2))
     E, z = torch.randn(2, 5, 40, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)

@@ -585,6 +585,32 @@ def test_network_roundtrip_and_refusals(tmp_path):
         load_net(tmp_path / "nowhere")
 
 
+def test_a_reflect_network_starts_from_a_plain_one_trains_on_ks_and_is_refused_on_lorenz96(tmp_path):
+    """net.reflect changes no weight: train.init_from takes a network trained without it (the same tensors), the
+    averaged network trains on KS (whose dynamics have the symmetry) and keeps the flag in its sidecar, and
+    the learned filter refuses it on a model without the symmetry, in one line."""
+    from danlab.config import KSConfig, Lorenz96Config
+    train(tiny(max_steps=2), tmp_path / "plain", progress=False)
+    plain, _ = load_net(tmp_path / "plain")
+    d = json.loads(json.dumps(TINY))
+    cfg = TrainRunConfig.model_validate(d | {"model": {"name": "ks"}, "net": d["net"] | {"reflect": True},
+                                             "train": d["train"] | {"init_from": str(tmp_path / "plain"),
+                                                                    "max_steps": 3, "val_every": 3}})
+    tr = Trainer(cfg, tmp_path / "sym")
+    tr.warm_start(cfg.train.init_from)
+    assert tr.net.cfg.reflect and all(torch.equal(a, b) for a, b in zip(tr.net.state_dict().values(),
+                                                                        plain.state_dict().values()))
+    train(cfg, tmp_path / "sym", progress=False)
+    sym, meta = load_net(tmp_path / "sym")
+    assert sym.cfg.reflect and meta["trained_with"]["net"]["reflect"]
+    assert not torch.equal(sym.inp.weight, plain.inp.weight)  # it trained
+    f = Learned(checkpoint=str(tmp_path / "sym"))
+    f.prepare(KSConfig().build(), None, torch.float32, "cpu")
+    with pytest.raises(CheckpointError, match="net.reflect: the model Lorenz96 is not symmetric") as err:
+        f.prepare(Lorenz96Config().build(), None, torch.float32, "cpu")
+    assert "\n" not in str(err.value)
+
+
 def test_a_pickle_is_never_loaded(tmp_path):
     net = _saved_net(tmp_path)
     side = json.loads((tmp_path / "model.json").read_text())

@@ -148,7 +148,7 @@ class Learned(Filter):
             return self
         if self.checkpoint is None:
             raise CheckpointError("filter.checkpoint: the learned filter needs a checkpoint folder")
-        net, meta = _load_sized(self.checkpoint, model.Nx)
+        net, meta = _load_sized(self.checkpoint, model)
         perturb = self.perturb
         if perturb is None:
             where = str(resolve_net_dir(self.checkpoint))
@@ -159,7 +159,7 @@ class Learned(Filter):
             perturb = default_perturb(meta, self.N, where)
         control = None
         if self.control is not None:
-            control, cmeta = _load_sized(self.control, model.Nx)
+            control, cmeta = _load_sized(self.control, model)
             names = [m["trained_with"].get("model", {}).get("name") for m in (meta, cmeta)]
             if None not in names and names[0] != names[1]:
                 raise CheckpointError(f"{self.control}: trained on the model {names[1]}, the ensemble's network "
@@ -211,11 +211,13 @@ class Learned(Filter):
         return E + _apply(self.net, E, zeta, zeta_n, obs)
 
 
-def _load_sized(path: str, Nx: int) -> tuple[AnalysisNet, dict]:
-    """`load_net`, refusing a network whose kernel cannot wrap states of size Nx."""
+def _load_sized(path: str, model) -> tuple[AnalysisNet, dict]:
+    """`load_net`, refusing a network whose kernel cannot wrap the model's states, or that averages over a symmetry
+    the model does not have (net.reflect)."""
     net, meta = load_net(path)
     try:
-        net.cfg.check_size(Nx)
+        net.cfg.check_size(model.Nx)
+        net.cfg.check_model(model)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     return net, meta

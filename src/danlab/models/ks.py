@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -52,6 +53,10 @@ class KuramotoSivashinsky:
     0.005 and 5 within ±0.005 (three neutral: translations in time and space, the conserved mean); spatial std 1.32;
     a mean energy spectrum peaked near k = 1/√2 (the most unstable wavenumber of L) with an exponential tail.
     """
+
+    # the dynamics commute with the reflection (R u)_j = -u_{-j} (x -> -x, u -> -u): M(R u) = R M(u), to round-off
+    # (in Fourier space R v_n = -conj(v_n), and L is real, g real); a network may average over it (net.reflect)
+    reflection_symmetric: ClassVar[bool] = True
 
     Nx: int = 128
     length: float = 32 * math.pi

@@ -14,6 +14,14 @@ channel, the observation precision of each site, diag(H^T R^-1 H) (sigma^-2 wher
 alone cannot tell an unobserved site from an observed one whose innovation is 0, so a network trained on sparse,
 time-varying networks has to hedge between the two; with this channel it need not.
 
+With `reflect` the increment is averaged over the reflection R u_j = -u_{-j} (x -> -x, u -> -u), a symmetry of the
+Kuramoto–Sivashinsky dynamics (M(R u) = R M(u)) and of its identity observations with white noise: the averaged
+network a(E, zeta) = [a_1(E, zeta) + R a_1(R E, R zeta)] / 2 is exactly equivariant, a(R E, R zeta) = R a(E, zeta), as
+the best analysis of such a twin is. Averaging a map over the group of a symmetric problem never raises its expected
+squared error against an equivariant target (Jensen), and removes the part of the learned map that breaks the
+symmetry. It costs two evaluations (one call on a doubled batch). Only models that declare the symmetry
+(`reflection_symmetric`) take it; Lorenz 96 has none (its advection x_{i-1}(x_{i+1} - x_{i-2}) is not mirror-symmetric).
+
 The output for member n is g * zeta_n + CNN(...), with zeta_n = H^T R^-1 (y - H x_n) the member's own
 innovation (zeta_n = zeta for a single state), a learnable scalar gain g initialised at `gain0`, and the
 last convolution initialised at zero: at step 0 the analysis is a stable nudging of every member towards
@@ -47,12 +55,23 @@ class NetConfig(BaseModel):
     precision_input: bool = Field(False, description="a fifth input channel: the observation precision per site, "
                                   "diag(H^T R^-1 H) (sigma^-2 where observed, 0 elsewhere), for sparse, time-varying "
                                   "networks (kinds cnn and linear)")
+    reflect: bool = Field(False, description="average the increment over the reflection u_j -> -u_{-j} (x -> -x, "
+                          "u -> -u), an exact symmetry of models that declare it (ks): the analysis becomes "
+                          "equivariant, at twice the cost")
 
     @model_validator(mode="after")
     def _precision_kinds(self):
         if self.precision_input and self.kind not in ("cnn", "linear"):
             raise ValueError(f"net.precision_input: only the kinds cnn and linear take it (got kind {self.kind})")
+        if self.reflect and self.kind not in ("cnn", "linear", "simplified"):
+            raise ValueError(f"net.reflect: only the 1-D kinds cnn, linear and simplified take it (got kind {self.kind})")
         return self
+
+    def check_model(self, model) -> None:
+        """Refuse net.reflect for a model whose dynamics are not symmetric under u_j -> -u_{-j}."""
+        if self.reflect and not getattr(model, "reflection_symmetric", False):
+            raise ValueError(f"net.reflect: the model {type(model).__name__} is not symmetric under the reflection "
+                             f"u_j -> -u_(-j) (only models that declare reflection_symmetric are, e.g. ks)")
 
     @field_validator("kernel")
     @classmethod
@@ -66,6 +85,13 @@ class NetConfig(BaseModel):
         if self.kernel // 2 > Nx:
             raise ValueError(f"net.kernel: a kernel of {self.kernel} needs Nx >= {self.kernel // 2} "
                              f"(circular padding of {self.kernel // 2} sites), got model.Nx={Nx}")
+
+
+def reflect(u: torch.Tensor, sign: float = -1.0) -> torch.Tensor:
+    """R u along the last axis, a periodic grid of Nx sites: (R u)_j = sign * u_{(-j) mod Nx} (site 0 stays, site j
+    swaps with Nx - j). With sign -1 the reflection of a state or an innovation under x -> -x, u -> -u; with +1 that
+    of a field that does not change sign (the observation precision). An involution: R R u = u."""
+    return sign * u.flip(-1).roll(1, -1)
 
 
 def _conv(cin: int, cout: int, k: int) -> nn.Conv1d:
@@ -132,6 +158,19 @@ class AnalysisNet(nn.Module):
         self._check_inputs(E, zeta, zeta_members, prec)
         if not self.training and not torch.is_grad_enabled():
             return self.infer(E, zeta, zeta_members, prec)
+        return self._reflected(self._layers, E, zeta, zeta_members, prec)
+
+    def _reflected(self, f, E, zeta, zeta_members, prec) -> torch.Tensor:
+        """f(E, zeta, zeta_members, prec), averaged over the reflection if net.reflect: one call of f on the batch
+        followed by its reflection, [f(E, ...) + R f(R E, ...)] / 2."""
+        if not self.cfg.reflect:
+            return f(E, zeta, zeta_members, prec)
+        two = lambda t, sign=-1.0: None if t is None else torch.cat([t, reflect(t, sign)])  # noqa: E731
+        a, b = f(two(E), two(zeta), two(zeta_members), two(prec, 1.0)).chunk(2)
+        return 0.5 * (a + reflect(b))
+
+    def _layers(self, E, zeta, zeta_members, prec) -> torch.Tensor:
+        """The network by its layers (training, autograd)."""
         B, N, Nx = E.shape
         h = self.blocks(self.inp(self.features(E, zeta, prec)))
         da = self.out(self.act(h)).view(B, N, Nx)
@@ -194,6 +233,9 @@ class AnalysisNet(nn.Module):
     def infer(self, E: torch.Tensor, zeta: torch.Tensor, zeta_members: torch.Tensor | None = None,
               prec: torch.Tensor | None = None) -> torch.Tensor:
         """forward() without autograd, by gathers and matrix products (see above); E (B, N, Nx) -> (B, N, Nx)."""
+        return self._reflected(self._infer, E, zeta, zeta_members, prec)
+
+    def _infer(self, E, zeta, zeta_members, prec) -> torch.Tensor:
         B, N, Nx = E.shape
         rows = B * N
         c = self.cfg

@@ -113,4 +113,6 @@ class TrainRunConfig(Strict):
     def _check(self):
         self.observations.build(self.model.Nx)
         self.net.check_size(self.model.Nx)  # the network's kernel must fit in the state
+        if self.net.reflect:  # and the model must have the symmetry it averages over
+            self.net.check_model(self.model.build())
         return self

@@ -262,14 +262,16 @@ class Trainer:
         curriculum from a small network to a large one). It may also be wider (more filters, net.Nf) and gain the
         precision input (net.precision_input true where the stored one has none): see `_widen`; the first
         convolution's weights on that input channel start at zero, so that, again, the network starts from what the
-        stored one computed. The average starts from them too."""
+        stored one computed. The average starts from them too. net.reflect may differ either way (the same weights,
+        averaged over the reflection or not: a network trained without it starts from its own reflection average)."""
         net, _ = load_net(path)
         theirs, ours = net.cfg.model_dump(mode="json"), self.cfg.net.model_dump(mode="json")
         gains_prec = not theirs.get("precision_input") and ours.get("precision_input")
         grow = theirs["Nbl"] < ours["Nbl"]
         wider = theirs["Nf"] < ours["Nf"]
         allowed = {**theirs, "Nbl": ours["Nbl"] if grow else theirs["Nbl"], "Nf": ours["Nf"] if wider else theirs["Nf"],
-                   "precision_input": ours["precision_input"] if gains_prec else theirs.get("precision_input")}
+                   "precision_input": ours["precision_input"] if gains_prec else theirs.get("precision_input"),
+                   "reflect": ours["reflect"]}
         if allowed != ours:
             diff = [k for k in sorted(set(theirs) | set(ours)) if allowed.get(k) != ours.get(k)]
             k = diff[0]
