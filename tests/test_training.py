@@ -588,7 +588,8 @@ def test_network_roundtrip_and_refusals(tmp_path):
 def test_a_reflect_network_starts_from_a_plain_one_trains_on_ks_and_is_refused_on_lorenz96(tmp_path):
     """net.reflect changes no weight: train.init_from takes a network trained without it (the same tensors), the
     averaged network trains on KS (whose dynamics have the symmetry) and keeps the flag in its sidecar, and
-    the learned filter refuses it on a model without the symmetry, in one line."""
+    the learned filter refuses it on a model without the symmetry, in one line; filter.reflect sets or clears the
+    flag of a stored network at evaluation, with the same weights."""
     from danlab.config import KSConfig, Lorenz96Config
     train(tiny(max_steps=2), tmp_path / "plain", progress=False)
     plain, _ = load_net(tmp_path / "plain")
@@ -609,6 +610,14 @@ def test_a_reflect_network_starts_from_a_plain_one_trains_on_ks_and_is_refused_o
     with pytest.raises(CheckpointError, match="net.reflect: the model Lorenz96 is not symmetric") as err:
         f.prepare(Lorenz96Config().build(), None, torch.float32, "cpu")
     assert "\n" not in str(err.value)
+    for path, flag in ((tmp_path / "plain", True), (tmp_path / "sym", False)):
+        g = Learned(checkpoint=str(path), reflect=flag).prepare(KSConfig().build(), None, torch.float32, "cpu")
+        stored, _ = load_net(path)
+        assert g.net.cfg.reflect is flag and g.resolved() == {"reflect": flag}
+        assert all(torch.equal(a, b) for a, b in zip(g.net.state_dict().values(), stored.state_dict().values()))
+    with pytest.raises(CheckpointError, match="net.reflect: the model Lorenz96"):
+        Learned(checkpoint=str(tmp_path / "plain"), reflect=True).prepare(Lorenz96Config().build(), None,
+                                                                          torch.float32, "cpu")
 
 
 def test_a_pickle_is_never_loaded(tmp_path):

@@ -124,6 +124,8 @@ class Learned(Filter):
                                   "(train.perturb_obs in its sidecar)")
     control: str | None = Field(None, description="a single-state network folder: the ensemble is recentred at every "
                                 "cycle on the control state that this network analyses (N > 1; see the class)")
+    reflect: bool | None = Field(None, description="average the network over the reflection u_j -> -u_{-j} (its "
+                                 "net.reflect, with the same weights; ks only): null: as the network was trained")
     _net: AnalysisNet | None = PrivateAttr(None)
     _control_net: AnalysisNet | None = PrivateAttr(None)
 
@@ -148,7 +150,7 @@ class Learned(Filter):
             return self
         if self.checkpoint is None:
             raise CheckpointError("filter.checkpoint: the learned filter needs a checkpoint folder")
-        net, meta = _load_sized(self.checkpoint, model)
+        net, meta = _load_sized(self.checkpoint, model, self.reflect)
         perturb = self.perturb
         if perturb is None:
             where = str(resolve_net_dir(self.checkpoint))
@@ -165,17 +167,18 @@ class Learned(Filter):
                 raise CheckpointError(f"{self.control}: trained on the model {names[1]}, the ensemble's network "
                                       f"({self.checkpoint}) on {names[0]}: a control must analyse the same dynamics")
             control = control.to(device)
-        f = type(self)(N=self.N, perturb=perturb, checkpoint=self.checkpoint, control=self.control)
+        f = type(self)(N=self.N, perturb=perturb, checkpoint=self.checkpoint, control=self.control, reflect=self.reflect)
         f._net, f._control_net = net.to(device), control
         return f
 
     def resolved(self) -> dict:
         """An ensemble's observation perturbation, the source of its spread (given, calibrated in the sidecar, or as
         trained: see `perturb`)."""
+        given = {} if self.reflect is None else {"reflect": self.reflect}
         if self.N == 1:
-            return {}
-        return {"perturb": float(self.perturb)} | ({} if self._control_net is None else
-                                                  {"control": self.control or "a network in memory"})
+            return given
+        return given | {"perturb": float(self.perturb)} | ({} if self._control_net is None else
+                                                           {"control": self.control or "a network in memory"})
 
     @property
     def net(self) -> AnalysisNet:
@@ -211,11 +214,19 @@ class Learned(Filter):
         return E + _apply(self.net, E, zeta, zeta_n, obs)
 
 
-def _load_sized(path: str, model) -> tuple[AnalysisNet, dict]:
+def _load_sized(path: str, model, reflect: bool | None = None) -> tuple[AnalysisNet, dict]:
     """`load_net`, refusing a network whose kernel cannot wrap the model's states, or that averages over a symmetry
-    the model does not have (net.reflect)."""
+    the model does not have (net.reflect, or `reflect` where not None: the same weights, averaged or not)."""
     net, meta = load_net(path)
     try:
+        if reflect is not None and reflect != net.cfg.reflect:
+            weights = net.state_dict()
+            try:
+                net = build_net(NetConfig.model_validate(net.cfg.model_dump() | {"reflect": reflect}))
+            except ValidationError as exc:
+                raise ValueError(exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")) from None
+            net.load_state_dict(weights)
+            net.eval()
         net.cfg.check_size(model.Nx)
         net.cfg.check_model(model)
     except ValueError as exc:
