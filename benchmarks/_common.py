@@ -4,6 +4,7 @@ tuned-then-scored table of classical baselines (tuned on seed 1, scored on seed 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import sys
@@ -19,9 +20,17 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows: speed figures mean nothing without it."""
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def provenance() -> str:
     return (f"code {code_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+            f"{torch.get_num_threads()} threads, {cpu_model()} ({platform.machine()}, {os.cpu_count()} cores)")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
