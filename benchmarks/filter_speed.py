@@ -37,18 +37,14 @@ from danlab.observations import Observer
 from danlab.twin import TwinStream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, markdown_table, provenance  # noqa: E402
+from _common import command_line, cpu_model, markdown_table, provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "weights" / "l96_nf40_ne1"
 
 
 def machine() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    model = cpu_model()
     flags = ""
     try:
         flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags"))
