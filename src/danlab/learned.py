@@ -219,14 +219,11 @@ def _load_sized(path: str, model, reflect: bool | None = None) -> tuple[Analysis
     the model does not have (net.reflect, or `reflect` where not None: the same weights, averaged or not)."""
     net, meta = load_net(path)
     try:
-        if reflect is not None and reflect != net.cfg.reflect:
-            weights = net.state_dict()
+        if reflect is not None and reflect != net.cfg.reflect:  # the same layers and weights: only the flag changes
             try:
-                net = build_net(NetConfig.model_validate(net.cfg.model_dump() | {"reflect": reflect}))
+                net.cfg = NetConfig.model_validate(net.cfg.model_dump() | {"reflect": reflect})
             except ValidationError as exc:
                 raise ValueError(exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")) from None
-            net.load_state_dict(weights)
-            net.eval()
         net.cfg.check_size(model.Nx)
         net.cfg.check_model(model)
     except ValueError as exc:
