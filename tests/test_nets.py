@@ -66,6 +66,48 @@ def test_reflect_averages_over_the_reflection_and_is_equivariant(kind):
                 assert not torch.allclose(a, plain(*args), atol=1e-3)
 
 
+@pytest.mark.parametrize("W", [1, 5])
+def test_gated_gain_is_a_local_state_dependent_gain_on_each_members_innovation(W):
+    """net.gate = W: a_i += sum_j G_j,i zeta_n,(i + j - W // 2), with G the W output channels of a convolution of the
+    last hidden layer: zero at the start (the network without the gate, to the bit), then the explicit sum over
+    circular shifts on both paths (layers, inference), linear in zeta_n at a fixed E and zeta, and still shift-
+    and reflection-equivariant (net.reflect)."""
+    from danlab.nets.cnn import reflect
+    fresh = build_net(NetConfig(Nf=8, Nbl=2, Nl=2, gate=W)).double()
+    plain = build_net(NetConfig(Nf=8, Nbl=2, Nl=2)).double()
+    plain.load_state_dict({k: v for k, v in fresh.state_dict().items() if not k.startswith("gate.")})
+    g = torch.Generator().manual_seed(W)
+    E, z, zn = (torch.randn(*s, generator=g, dtype=torch.float64) for s in [(3, 2, 40), (3, 40), (3, 2, 40)])
+    assert torch.equal(fresh(E, z, zn), plain(E, z, zn))
+    net = _trained_like(NetConfig(Nf=8, Nbl=2, Nl=2, gate=W))
+    with torch.no_grad():
+        h = net.act(net.blocks(net.inp(net.features(E, z))))
+        G = net.gate(h).view(3, 2, W, 40)
+        by_hand = net.out(h).view(3, 2, 40) + net.gain * zn
+        for j in range(W):
+            by_hand = by_hand + G[:, :, j] * zn.roll(W // 2 - j, -1)  # zn.roll(s)[i] = zn[i - s]
+    assert G.abs().max() > 1e-2 and not torch.allclose(net(E, z, zn), plain(E, z, zn), atol=1e-3)
+    for train in (True, False):
+        net.train(train)
+        with torch.set_grad_enabled(train):
+            torch.testing.assert_close(net(E, z, zn), by_hand, rtol=0, atol=1e-12)
+            # linear in the members' innovations where E and zeta stay
+            lin = net(E, z, 2.0 * zn) - 2.0 * net(E, z, zn) + net(E, z, 0 * zn)
+            torch.testing.assert_close(lin, torch.zeros_like(lin), rtol=0, atol=1e-12)
+            torch.testing.assert_close(net(E.roll(7, -1), z.roll(7, -1), zn.roll(7, -1)), net(E, z, zn).roll(7, -1),
+                                       rtol=0, atol=1e-12)
+    sym = build_net(net.cfg.model_copy(update={"reflect": True})).double()
+    sym.load_state_dict(net.state_dict())
+    sym.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sym(reflect(E), reflect(z), reflect(zn)), reflect(sym(E, z, zn)), rtol=0, atol=1e-12)
+    for bad, msg in [({"gate": 4}, "must be odd"), ({"gate": 3, "kind": "linear"}, "only the kind cnn")]:
+        with pytest.raises(ValueError, match=msg):
+            NetConfig(**bad)
+    with pytest.raises(ValueError, match="net.gate: a gain 9 sites wide needs Nx >= 9"):
+        NetConfig(gate=9).check_size(8)
+
+
 def test_reflect_is_refused_where_the_model_has_no_such_symmetry():
     from pydantic import ValidationError
 

@@ -528,6 +528,34 @@ def test_init_from_widens_a_network_whose_new_channels_start_unheard(tmp_path):
     assert trained.out.weight[:, 8:].abs().max() > 0 and trained.cfg.Nf == 12  # the new channels learn
 
 
+def test_init_from_gives_a_network_a_gated_gain_that_starts_at_zero(tmp_path):
+    """train.init_from into the same network with net.gate: the gate's convolution starts at zero, so the network
+    computes what the saved one did, to the bit; it trains at the head's rate (lr × lr_head) and learns."""
+    train(tiny(max_steps=3), tmp_path / "src", progress=False)
+    saved, _ = load_net(tmp_path / "src")
+    gated_cfg = TrainRunConfig.model_validate(json.loads(json.dumps(TINY)) | {
+        "net": TINY["net"] | {"gate": 3}, "train": TINY["train"] | {"init_from": str(tmp_path / "src"), "max_steps": 4,
+                                                                  "ema": 0.9, "lr_head": 0.1}})
+    tr = Trainer(gated_cfg, tmp_path / "gated")
+    tr.warm_start(gated_cfg.train.init_from)
+    assert not tr.net.gate.weight.any() and not tr.avg.gate.bias.any()
+    body, head = ([id(p) for p in grp["params"]] for grp in tr.opt.param_groups)  # Trainer.param_groups' order
+    assert id(tr.net.gate.weight) in head and id(tr.net.inp.weight) in body
+    E, zeta = 3 + 2 * torch.randn(4, 1, 40), torch.randn(4, 40)
+    with torch.no_grad():
+        for mode in (True, False):
+            saved.train(mode), tr.net.train(mode)
+            assert torch.equal(tr.net(E, zeta), saved(E, zeta))
+    train(gated_cfg, tmp_path / "gated_run", progress=False)
+    trained, _ = load_net(tmp_path / "gated_run")
+    assert trained.cfg.gate == 3 and trained.gate.weight.abs().max() > 0
+    back = TrainRunConfig.model_validate(json.loads(json.dumps(TINY)) | {
+        "train": TINY["train"] | {"init_from": str(tmp_path / "gated_run")}})
+    from danlab.config import ConfigError
+    with pytest.raises(ConfigError, match="net.gate = 3, this run's net.gate is 0 .*can only grow"):
+        train(back, tmp_path / "ungated", progress=False)
+
+
 def test_training_stops_at_its_wall_clock_budget_and_validates_there(tmp_path):
     out = train(tiny(max_steps=10_000, val_every=10_000), tmp_path, progress=False, max_wall_s=1e-9)
     assert out["step"] == 1

@@ -126,7 +126,8 @@ def _export_into(out: Path, dest: Path, run_dir: Path, src: Path, meta: dict, ev
     atomic_write_text(out / "README.md", (
         f"# {dest.name}\n\nLearned analysis a_θ ({trained['net']['kind']}, N_f {trained['net']['Nf']}, "
         f"{trained['net']['Nbl']} blocks × {trained['net']['Nl']} layers, kernel {trained['net']['kernel']}"
-        f"{', the observation precision as a fifth input' if trained['net'].get('precision_input') else ''}), Ne = {t['N']}, "
+        f"{', the observation precision as a fifth input' if trained['net'].get('precision_input') else ''}"
+        f"{f', a gated gain {g} sites wide' if (g := trained['net'].get('gate')) else ''}), Ne = {t['N']}, "
         f"trained on the model {model_cfg.name} ({', '.join(f'{k} {v}' for k, v in model_cfg.model_dump().items() if k != 'name')}, "
         f"Δt {model_cfg.Dt:g}, "
         f"{trained['observations']['kind']} observations, σ = {trained['observations']['sigma']}).\n\n"

@@ -27,6 +27,13 @@ innovation (zeta_n = zeta for a single state), a learnable scalar gain g initial
 last convolution initialised at zero: at step 0 the analysis is a stable nudging of every member towards
 the observations (so the untrained network does not let the trajectories diverge, nor the members drift
 apart), and training learns the rest. The CNN itself sees zeta, from the ensemble mean.
+
+With `gate` = W > 0 (odd; kind cnn) the output also has a gated gain: W more output channels G_j (a convolution of
+the last hidden layer, initialised at zero like the output layer) multiply the member's innovation at the W sites
+around each site, a_i += sum_j G_j,i(E, zeta) zeta_n,(i + j - W // 2): a state-dependent local gain, the form
+K(x^f) zeta of a Kalman-type analysis (that a_theta is close to, see the operator expansion), which a stack of
+convolutions and pointwise activations can only approximate through its nonlinearities (a product of its inputs
+is not in their span). At step 0 the network computes what it does without the gate.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ class NetConfig(BaseModel):
     reflect: bool = Field(False, description="average the increment over the reflection u_j -> -u_{-j} (x -> -x, "
                           "u -> -u), an exact symmetry of models that declare it (ks): the analysis becomes "
                           "equivariant, at twice the cost")
+    gate: int = Field(0, ge=0, description="width W (odd) of a gated gain: W output channels G_j, zero at the start, "
+                      "multiply the member's innovation at the W sites around each site, a += sum_j G_j zeta_(i+j-W//2) "
+                      "(a state-dependent local gain); 0: none (kind cnn)")
 
     @model_validator(mode="after")
     def _precision_kinds(self):
@@ -65,6 +75,10 @@ class NetConfig(BaseModel):
             raise ValueError(f"net.precision_input: only the kinds cnn and linear take it (got kind {self.kind})")
         if self.reflect and self.kind not in ("cnn", "linear", "simplified"):
             raise ValueError(f"net.reflect: only the 1-D kinds cnn, linear and simplified take it (got kind {self.kind})")
+        if self.gate and self.kind != "cnn":
+            raise ValueError(f"net.gate: only the kind cnn takes a gated gain (got kind {self.kind})")
+        if self.gate % 2 == 0 and self.gate:
+            raise ValueError(f"net.gate: the gain's width must be odd, centred on the site (got {self.gate})")
         return self
 
     def check_model(self, model) -> None:
@@ -85,6 +99,8 @@ class NetConfig(BaseModel):
         if self.kernel // 2 > Nx:
             raise ValueError(f"net.kernel: a kernel of {self.kernel} needs Nx >= {self.kernel // 2} "
                              f"(circular padding of {self.kernel // 2} sites), got model.Nx={Nx}")
+        if self.gate > Nx:
+            raise ValueError(f"net.gate: a gain {self.gate} sites wide needs Nx >= {self.gate}, got model.Nx={Nx}")
 
 
 def reflect(u: torch.Tensor, sign: float = -1.0) -> torch.Tensor:
@@ -92,6 +108,14 @@ def reflect(u: torch.Tensor, sign: float = -1.0) -> torch.Tensor:
     swaps with Nx - j). With sign -1 the reflection of a state or an innovation under x -> -x, u -> -u; with +1 that
     of a field that does not change sign (the observation precision). An involution: R R u = u."""
     return sign * u.flip(-1).roll(1, -1)
+
+
+def gated(G: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """sum_j G[..., j, i] z[..., (i + j - W // 2) mod Nx]: the local gains G (..., W, Nx) applied to z (..., Nx)."""
+    W = G.shape[-2]
+    r = W // 2
+    zp = torch.cat([z[..., z.shape[-1] - r:], z, z[..., :r]], -1) if r else z
+    return (G.transpose(-1, -2) * zp.unfold(-1, W, 1)).sum(-1)
 
 
 def _conv(cin: int, cout: int, k: int) -> nn.Conv1d:
@@ -127,6 +151,10 @@ class AnalysisNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         self.gain = nn.Parameter(torch.tensor(float(cfg.gain0)))
+        if cfg.gate:
+            self.gate = _conv(cfg.Nf, cfg.gate, cfg.kernel)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
 
     def features(self, E: torch.Tensor, zeta: torch.Tensor, prec: torch.Tensor | None = None) -> torch.Tensor:
         """Input channels (B*N, C, Nx)."""
@@ -172,9 +200,12 @@ class AnalysisNet(nn.Module):
     def _layers(self, E, zeta, zeta_members, prec) -> torch.Tensor:
         """The network by its layers (training, autograd)."""
         B, N, Nx = E.shape
-        h = self.blocks(self.inp(self.features(E, zeta, prec)))
-        da = self.out(self.act(h)).view(B, N, Nx)
-        return da + self.gain * (zeta.unsqueeze(1) if zeta_members is None else zeta_members)
+        h = self.act(self.blocks(self.inp(self.features(E, zeta, prec))))
+        da = self.out(h).view(B, N, Nx)
+        zn = zeta.unsqueeze(1) if zeta_members is None else zeta_members
+        if self.cfg.gate:
+            da = da + gated(self.gate(h).view(B, N, self.cfg.gate, Nx), zn)
+        return da + self.gain * zn
 
     # ---- inference --------------------------------------------------------------------------------
     # The same function as the layers above (equal to float round-off: the sums run in another order), for
@@ -225,7 +256,7 @@ class AnalysisNet(nn.Module):
         parameters, so they follow in-place updates (an optimiser step, load_state_dict, the weight average)."""
         plan = self.__dict__.get("_plan")
         if plan is None:
-            convs = [self.inp, *(l for b in self.blocks for l in b.f[::2]), self.out]
+            convs = [self.inp, *(l for b in self.blocks for l in b.f[::2]), self.out, *([self.gate] if self.cfg.gate else [])]
             plan = self.__dict__["_plan"] = [(c.weight.detach().view(c.weight.shape[0], -1), c.bias.detach().unsqueeze(1))
                                              for c in convs]
         return plan
@@ -259,7 +290,11 @@ class AnalysisNet(nn.Module):
         else:
             da = torch.cat([self._body(x[:, r * Nx:min(r + per, rows) * Nx], min(per, rows - r), Nx)
                             for r in range(0, rows, per)], 1)
-        return da.view(B, N, Nx) + self.gain * (zeta.unsqueeze(1) if zeta_members is None else zeta_members)
+        zn = zeta.unsqueeze(1) if zeta_members is None else zeta_members
+        if c.gate:  # rows 1.. of the body's output: the gains, (W, B * N * Nx)
+            return (da[0].view(B, N, Nx) + gated(da[1:].view(c.gate, B, N, Nx).permute(1, 2, 0, 3), zn)
+                    + self.gain * zn)
+        return da.view(B, N, Nx) + self.gain * zn
 
     MAX_COLUMNS = 1024
     # The exact GELU of a contiguous float32 matrix goes to oneDNN on x86 CPUs, which costs a fixed ~7 us per call
@@ -275,7 +310,8 @@ class AnalysisNet(nn.Module):
         return (lambda h: f(h.t()).t()) if self.cfg.activation == "gelu" and cols < self.GELU_NATIVE_BELOW else f
 
     def _body(self, x: torch.Tensor, rows: int, Nx: int) -> torch.Tensor:
-        """The convolutions on the input channels x (C_in, rows * Nx) -> (1, rows * Nx)."""
+        """The convolutions on the input channels x (C_in, rows * Nx) -> (1, rows * Nx), or (1 + W, rows * Nx) with
+        a gated gain of width W (the increment's row, then the gains')."""
         cols = rows * Nx
         idx = self._taps(rows, Nx, x.device)
         mats = self._matrices()
@@ -295,7 +331,11 @@ class AnalysisNet(nn.Module):
         w, b = mats[i]
         if act is not None:
             h = act(h)
-        return torch.addmm(b, w, h.index_select(1, idx).view(-1, cols))
+        h = h.index_select(1, idx).view(-1, cols)
+        if self.cfg.gate:
+            wg, bg = mats[i + 1]
+            return torch.cat([torch.addmm(b, w, h), torch.addmm(bg, wg, h)])
+        return torch.addmm(b, w, h)
 
 
 def build_net(cfg: NetConfig) -> AnalysisNet:

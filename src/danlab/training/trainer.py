@@ -70,7 +70,7 @@ RUNTIME_KNOBS = {"train.device", "train.threads", "train.bf16", "train.compile",
 # resume starts from fresh ensembles around the current truths
 SCHEDULE_KNOBS = {"train.max_steps", "train.lr", "train.lr_min", "train.warmup", "train.lr_head", "train.ema", "train.Nt",
                   "train.teacher_weight", "train.distill_steps", "train.distill_lr"}
-HEAD = ("out.", "gain")  # parameters whose learning rate is lr × lr_head
+HEAD = ("out.", "gain", "gate.")  # parameters whose learning rate is lr × lr_head
 # val_armse is the validated (and saved) network's: the averaged one when ema > 0, whose raw weights score val_raw_armse
 # and, for an ensemble (N > 1), its mean analysis spread val_spread
 METRICS = ["step", "wall_s", "lr", "loss", "train_rmse", "resets", "skipped", "val_armse", "val_ci", "val_raw_armse",
@@ -262,31 +262,36 @@ class Trainer:
         curriculum from a small network to a large one). It may also be wider (more filters, net.Nf) and gain the
         precision input (net.precision_input true where the stored one has none): see `_widen`; the first
         convolution's weights on that input channel start at zero, so that, again, the network starts from what the
-        stored one computed. The average starts from them too. net.reflect may differ either way (the same weights,
-        averaged over the reflection or not: a network trained without it starts from its own reflection average)."""
+        stored one computed. It may gain a gated gain (net.gate where the stored one has none), whose convolution
+        starts at zero, so again the network starts from the stored one's analyses. The average starts from them
+        too. net.reflect may differ either way (the same weights, averaged over the reflection or not: a network
+        trained without it starts from its own reflection average)."""
         net, _ = load_net(path)
         theirs, ours = net.cfg.model_dump(mode="json"), self.cfg.net.model_dump(mode="json")
         gains_prec = not theirs.get("precision_input") and ours.get("precision_input")
         grow = theirs["Nbl"] < ours["Nbl"]
         wider = theirs["Nf"] < ours["Nf"]
+        gains_gate = not theirs.get("gate") and ours["gate"]
         allowed = {**theirs, "Nbl": ours["Nbl"] if grow else theirs["Nbl"], "Nf": ours["Nf"] if wider else theirs["Nf"],
                    "precision_input": ours["precision_input"] if gains_prec else theirs.get("precision_input"),
-                   "reflect": ours["reflect"]}
+                   "reflect": ours["reflect"], "gate": ours["gate"] if gains_gate else theirs.get("gate", 0)}
         if allowed != ours:
             diff = [k for k in sorted(set(theirs) | set(ours)) if allowed.get(k) != ours.get(k)]
             k = diff[0]
             raise ConfigError(f"train.init_from: {path} holds a network with net.{k} = {theirs.get(k)!r}, this run's "
                               f"net.{k} is {ours.get(k)!r}" + (" (a network can only grow: more blocks, net.Nbl, "
-                                                              "more filters, net.Nf, or the precision input, "
-                                                              "net.precision_input, nothing else changed)"
-                                                              if k in ("Nbl", "Nf", "precision_input")
-                                                              or grow or wider or gains_prec else ""))
+                                                              "more filters, net.Nf, the precision input, "
+                                                              "net.precision_input, or a gated gain, net.gate, "
+                                                              "nothing else changed)"
+                                                              if k in ("Nbl", "Nf", "precision_input", "gate")
+                                                              or grow or wider or gains_prec or gains_gate else ""))
         state = net.state_dict()
         if wider or gains_prec:
             state = _widen(state, self.net.state_dict())
         new = range(theirs["Nbl"], ours["Nbl"])  # the blocks a grown network adds (none otherwise)
         for target in [self.net] + ([self.avg] if self.avg is not None else []):
-            target.load_state_dict(state, strict=not grow)  # a grown network: its new blocks only missing
+            # a grown network: its new blocks only missing; a gated one: its gate (zero, as built)
+            target.load_state_dict(state, strict=not (grow or gains_gate))
             with torch.no_grad():
                 for b in new:
                     last = target.blocks[b].f[-1]
@@ -294,7 +299,7 @@ class Trainer:
                     last.bias.zero_()
 
     def param_groups(self) -> list[dict]:
-        """Adam's groups: the body at lr, the head (output layer and gain) at lr × lr_head."""
+        """Adam's groups: the body at lr, the head (output layer, gated gain and gain) at lr × lr_head."""
         named = list(self.net.named_parameters())
         groups = [([(n, p) for n, p in named if not n.startswith(HEAD)], 1.0),
                   ([(n, p) for n, p in named if n.startswith(HEAD)], self.cfg.train.lr_head)]
