@@ -61,6 +61,9 @@ RECIPES = {
     # small-net with a gated gain 9 sites wide (net.gate: a state-dependent local gain on the innovation, the K(x) zeta
     # form of a Kalman-type analysis; 9 sites: about the LETKF's localisation width on Lorenz 96)
     "small-net-gated": (BASE, ["net.Nbl=3", "net.Nl=3", "net.gate=9", "train.teacher_weight=0", "train.max_steps=5000"]),
+    # small-net-gated with its cosine sized to a 2-h budget on one thread (8,500 steps), for time-to-0.20
+    "small-net-gated-long": (BASE, ["net.Nbl=3", "net.Nl=3", "net.gate=9", "train.teacher_weight=0",
+                                    "train.max_steps=8500"]),
     "old-default": (BASE, ["train.distill_steps=0", "train.teacher_weight=0", "train.lr_head=1.0", "train.ema=0",
                            "train.warmup=200"]),
     # observations only (eq. 15): the same windows as truth-target, for the equal-budget comparison of issue 15
