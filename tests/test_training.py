@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from danlab.checkpoint import CheckpointError
+from danlab.checkpoint import CheckpointError, read_checkpoint
 from danlab.experiments.export import export
 from danlab.learned import Learned, load_net, save_net
 from danlab.nets import NetConfig, build_net
 from danlab.training.train_config import TrainRunConfig
-from danlab.training.trainer import Trainer, lr_at, train, validate, validation_twin
+from danlab.training.trainer import TRAIN_FORMAT, Trainer, lr_at, train, validate, validation_twin
 
 TINY = {"net": {"Nf": 8, "Nbl": 1, "Nl": 2}, "train": {"Nt": 16, "N_iter": 3, "max_steps": 8, "warmup": 2, "lr": 3e-3,
         "val_every": 4, "val_cycles": 40, "val_burn_in": 10, "val_batch": 2, "log_every": 1}}
@@ -554,6 +554,37 @@ def test_init_from_gives_a_network_a_gated_gain_that_starts_at_zero(tmp_path):
     from danlab.config import ConfigError
     with pytest.raises(ConfigError, match="net.gate = 3, this run's net.gate is 0 .*can only grow"):
         train(back, tmp_path / "ungated", progress=False)
+
+
+def test_train_only_fits_the_named_parameters_and_leaves_the_rest_as_stored(tmp_path):
+    """train.train_only = [gate.] on a network given a gate by init_from: the gate learns, every other parameter (and
+    its weight average) stays the stored one's to the bit; a resumed run equals an uninterrupted one; a resume with
+    train_only unset trains the whole network; a prefix that names no parameter is refused by name."""
+    from danlab.config import ConfigError
+    train(tiny(max_steps=3), tmp_path / "src", progress=False)
+    saved, _ = load_net(tmp_path / "src")
+
+    def cfg(**kw):
+        return TrainRunConfig.model_validate(json.loads(json.dumps(TINY)) | {
+            "net": TINY["net"] | {"gate": 3}, "train": TINY["train"] | {
+                "init_from": str(tmp_path / "src"), "max_steps": 6, "ema": 0.9, "train_only": ["gate."]} | kw})
+
+    train(cfg(), tmp_path / "whole", progress=False)
+    train(cfg(), tmp_path / "split", progress=False, stop_after=3)
+    train(cfg(), tmp_path / "split", resume=True, progress=False)
+    whole, split = load_net(tmp_path / "whole")[0], load_net(tmp_path / "split")[0]
+    assert whole.gate.weight.abs().max() > 0
+    for n, v in whole.state_dict().items():
+        assert torch.equal(v, split.state_dict()[n]), n
+        if not n.startswith("gate."):
+            assert torch.equal(v, saved.state_dict()[n]), n
+    ckpt, _ = read_checkpoint(tmp_path / "whole", "checkpoint", TRAIN_FORMAT)
+    assert torch.equal(ckpt["net.inp.weight"], saved.state_dict()["inp.weight"])  # the raw weights too
+    train(cfg(max_steps=8, train_only=None), tmp_path / "whole", resume=True, progress=False)
+    ckpt, _ = read_checkpoint(tmp_path / "whole", "checkpoint", TRAIN_FORMAT)
+    assert not torch.equal(ckpt["net.inp.weight"], saved.state_dict()["inp.weight"])
+    with pytest.raises(ConfigError, match="train.train_only: 'gates.' names no parameter .*gate"):
+        Trainer(cfg(train_only=["gates."]), tmp_path / "bad")
 
 
 def test_training_stops_at_its_wall_clock_budget_and_validates_there(tmp_path):

@@ -45,6 +45,10 @@ class TrainConfig(Strict):
                                   "an Ne = 1 one); its network config must equal `net`, or have fewer blocks (net.Nbl: the network "
                                   "grows, the new blocks starting as the identity) or fewer filters (net.Nf: the new "
                                   "channels reach the output through weights that start at zero)")
+    train_only: list[str] | None = Field(None, description="names (or name prefixes) of the network's parameters that "
+                                         "train, e.g. [gate.] to fit a gated gain added to a trained network by init_from "
+                                         "while the rest stays as stored (no drift of a converged body at the new part's "
+                                         "learning rate); the others are frozen. None: every parameter trains")
     teacher_weight: float = Field(0.0, ge=0, le=1, description="supervised target = w × the analysis mean of a "
                                   "classical teacher (EnKF-N) cycled on the same observations + (1 - w) × the truth "
                                   "(0: the truth alone); measured: 3.7x less gradient noise than the truth's")

@@ -68,8 +68,10 @@ RUNTIME_KNOBS = {"train.device", "train.threads", "train.bf16", "train.compile",
 # Nt the first min(old, new) trajectories carry over and fresh ones, spun up from the run's seed, fill the batch
 # the teacher's weight in the target may change too (e.g. to 0 for the final decay); a teacher switched on at a
 # resume starts from fresh ensembles around the current truths
+# and the parameters that train (train_only: e.g. a gate fitted alone first, then the whole network; a parameter that
+# starts to train at a resume starts with a fresh Adam state)
 SCHEDULE_KNOBS = {"train.max_steps", "train.lr", "train.lr_min", "train.warmup", "train.lr_head", "train.ema", "train.Nt",
-                  "train.teacher_weight", "train.distill_steps", "train.distill_lr"}
+                  "train.teacher_weight", "train.distill_steps", "train.distill_lr", "train.train_only"}
 HEAD = ("out.", "gain", "gate.")  # parameters whose learning rate is lr × lr_head
 # val_armse is the validated (and saved) network's: the averaged one when ema > 0, whose raw weights score val_raw_armse
 # and, for an ensemble (N > 1), its mean analysis spread val_spread
@@ -233,6 +235,7 @@ class Trainer:
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=init)))
             self.net = build_net(cfg.net).to(tc.device)
+        self.freeze()
         self.opt = torch.optim.Adam(self.param_groups(), lr=tc.lr)
         # Polyak averaging: an exponential moving average of the weights, the network that is validated and kept
         self.avg = copy.deepcopy(self.net).requires_grad_(False) if tc.ema else None
@@ -298,9 +301,24 @@ class Trainer:
                     last.weight.zero_()
                     last.bias.zero_()
 
+    def freeze(self) -> None:
+        """train.train_only: every parameter not named by one of its prefixes stops requiring a gradient (the windows
+        still backpropagate through it to the parameters that train, and through the model)."""
+        only = self.cfg.train.train_only
+        if only is None:
+            return
+        names = [n for n, _ in self.net.named_parameters()]
+        for prefix in only:
+            if not any(n.startswith(prefix) for n in names):
+                raise ConfigError(f"train.train_only: {prefix!r} names no parameter of this network (its parameters: "
+                                  f"{', '.join(sorted({n.rsplit('.', 1)[0] for n in names}))})")
+        for n, p in self.net.named_parameters():
+            p.requires_grad_(any(n.startswith(prefix) for prefix in only))
+
     def param_groups(self) -> list[dict]:
-        """Adam's groups: the body at lr, the head (output layer, gated gain and gain) at lr × lr_head."""
-        named = list(self.net.named_parameters())
+        """Adam's groups: the body at lr, the head (output layer, gated gain and gain) at lr × lr_head; a parameter
+        frozen by train.train_only is in neither."""
+        named = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
         groups = [([(n, p) for n, p in named if not n.startswith(HEAD)], 1.0),
                   ([(n, p) for n, p in named if n.startswith(HEAD)], self.cfg.train.lr_head)]
         # the names travel with the checkpoint: they say which parameter each saved Adam state belongs to
