@@ -41,6 +41,25 @@ STUDIES = {
 }
 
 
+def seed_summary(df: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Per value of the axis: the mean aRMSE over the training seeds, their min, max and number, the mean CI."""
+    g = df.groupby(key)["armse"]
+    return pd.DataFrame({"mean": g.mean(), "min": g.min(), "max": g.max(), "seeds": g.count(),
+                         "ci": df.groupby(key)["armse_ci"].mean()}).reset_index().sort_values(key)
+
+
+def trend_table(m: pd.DataFrame, key: str) -> str:
+    """Each step along the axis: the change of the seed mean against the noise it must exceed to count, the larger of
+    the two points' seed ranges and of their evaluation CIs (one experiment's ± 95 %)."""
+    rows = []
+    for (_, p), (_, q) in zip(m.iterrows(), m.iloc[1:].iterrows()):
+        change = q["mean"] - p["mean"]
+        noise = max(p["max"] - p["min"], q["max"] - q["min"], p["ci"], q["ci"])
+        rows.append([f"{p[key]:g} → {q[key]:g}", f"{change:+.4f}", f"{noise:.4f}",
+                     "exceeds the noise" if abs(change) > noise else "within the noise"])
+    return markdown_table(["step", "change of the seed mean", "seed range or CI (the larger)", "verdict"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", default="reduced")
@@ -68,16 +87,28 @@ def main() -> None:
             df = pd.read_csv(src / "results.csv")
             df = df[df["status"] == 0] if "status" in df else df
             others = [c for c in df.columns if "." in c and c != key and df[c].nunique() > 1]
+            seeds = "seed" in df and df["seed"].nunique() > 1  # training seeds as an axis: their spread is the error bar
             groups = df.groupby(others) if others else [(None, df)]
             for gkey, g in groups:
+                lab = label if gkey is None else f"{label}, {others[0]}={gkey[0] if isinstance(gkey, tuple) else gkey}"
+                if seeds:
+                    m = seed_summary(g, key)
+                    x = m[key] * (scale or 1)
+                    ax.errorbar(x, m["mean"], yerr=[m["mean"] - m["min"], m["max"] - m["mean"]], marker="o", ms=3,
+                                capsize=3, label=f"{lab} (mean of {g['seed'].nunique()} training seeds; bar: their range)")
+                    ax.plot(g[key] * (scale or 1), g["armse"], ".", color="grey", ms=4)
+                    continue
                 g = g.sort_values(key)
                 x = g[key] * (scale or 1)
-                lab = label if gkey is None else f"{label}, {others[0]}={gkey[0] if isinstance(gkey, tuple) else gkey}"
                 ax.errorbar(x, g["armse"], yerr=g["armse_ci"], marker="o", ms=3, capsize=2, label=lab)
-            cols = [c for c in [key] + others if c in df] + ["armse", "armse_ci", "n_diverged"]
+            cols = [c for c in [key] + others + (["seed"] if seeds else []) if c in df] + ["armse", "armse_ci", "n_diverged"]
             cols += [c for c in df.columns if c.startswith("best_") or c == "val_armse"]
-            md.append(f"**{label}** (`danlab sweep configs/sweeps/{name}.yaml --budget {a.budget}`):\n\n")
-            md.append(markdown_table(cols, df[cols].values.tolist()) + "\n")
+            own = ROOT / "configs" / "sweeps" / f"{name}_{a.budget}.yaml"
+            sweep_file = own.name if own.is_file() else f"{name}.yaml"
+            md.append(f"**{label}** (`danlab sweep configs/sweeps/{sweep_file} --budget {a.budget}`):\n\n")
+            md.append(markdown_table(cols, df.sort_values(cols[:len(cols) - 3])[cols].values.tolist()) + "\n")
+            if seeds and not others:
+                md.append("\n" + trend_table(seed_summary(df, key), key) + "\n")
         if found:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("aRMSE")
