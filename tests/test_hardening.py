@@ -292,6 +292,8 @@ def test_non_utf8_and_folder_configs(tmp_path):
     (["train", "configs/l96/dan_nf40.yaml", "--set", "net.kernel=101"], "net.kernel"),
     (["sweep", "configs/sweeps/example_tiny.yaml", "--scheduler", "banana"], "--scheduler banana"),
     (["train", "configs/l96/dan_nf40.yaml", "--set", "train.lr=inf"], "train.lr"),
+    (["train", "configs/l96/dan_nf40.yaml", "--set", "train.train_only=[]"], "train.train_only"),
+    (["train", "configs/l96/dan_fast.yaml", "--set", "train.train_only=[gates.]"], "'gates.' names no parameter"),
     (["train", "configs/l96/dan_nf40.yaml", "--stop-after", "-1"], "--stop-after"),
     (["eval", SHIPPED, "--nx", "0"], "model.Nx"),
     (["eval", SHIPPED, "--N", "0"], "filter.N"),

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from danlab.config import MODEL_FIELD, ModelConfig, ObsConfig, Strict
-from danlab.nets import NetConfig
+from danlab.nets import NetConfig, build_net
 
 
 class TrainConfig(Strict):
@@ -45,7 +45,7 @@ class TrainConfig(Strict):
                                   "an Ne = 1 one); its network config must equal `net`, or have fewer blocks (net.Nbl: the network "
                                   "grows, the new blocks starting as the identity) or fewer filters (net.Nf: the new "
                                   "channels reach the output through weights that start at zero)")
-    train_only: list[str] | None = Field(None, description="names (or name prefixes) of the network's parameters that "
+    train_only: list[str] | None = Field(None, min_length=1, description="names (or name prefixes) of the network's parameters that "
                                          "train, e.g. [gate.] to fit a gated gain added to a trained network by init_from "
                                          "while the rest stays as stored (no drift of a converged body at the new part's "
                                          "learning rate); the others are frozen. None: every parameter trains")
@@ -119,4 +119,10 @@ class TrainRunConfig(Strict):
         self.net.check_size(self.model.Nx)  # the network's kernel must fit in the state
         if self.net.reflect:  # and the model must have the symmetry it averages over
             self.net.check_model(self.model.build())
+        if self.train.train_only:  # each prefix must name a parameter of this network
+            names = [n for n, _ in build_net(self.net).named_parameters()]
+            for prefix in self.train.train_only:
+                if not any(n.startswith(prefix) for n in names):
+                    raise ValueError(f"train.train_only: {prefix!r} names no parameter of this network (its "
+                                     f"parameters: {', '.join(sorted({n.rsplit('.', 1)[0] for n in names}))})")
         return self
