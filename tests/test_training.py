@@ -560,7 +560,6 @@ def test_train_only_fits_the_named_parameters_and_leaves_the_rest_as_stored(tmp_
     """train.train_only = [gate.] on a network given a gate by init_from: the gate learns, every other parameter (and
     its weight average) stays the stored one's to the bit; a resumed run equals an uninterrupted one; a resume with
     train_only unset trains the whole network; a prefix that names no parameter is refused by name."""
-    from danlab.config import ConfigError
     train(tiny(max_steps=3), tmp_path / "src", progress=False)
     saved, _ = load_net(tmp_path / "src")
 
