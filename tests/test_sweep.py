@@ -26,6 +26,22 @@ def point_dirs(root):
     return sorted(p for p in root.iterdir() if p.is_dir() and "=" in p.name)
 
 
+def test_local_cluster_workers_keep_the_default_allocator(monkeypatch):
+    """Our LocalCluster's workers do not get Dask's MALLOC_TRIM_THRESHOLD_ (it switches off glibc's adaptive mmap
+    threshold: a training step ran 3.2x slower, benchmarks/sweep_worker_env.py); the thread pins stay."""
+    import os
+
+    from danlab.experiments.sweep import _client
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    client, close = _client(None, 1)
+    try:
+        env = next(iter(client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
+                        .values()))
+    finally:
+        close()
+    assert env == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
+
+
 def test_local_cluster_sweep_then_idempotent_rerun(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "etkf.yaml").write_text(yaml.safe_dump(ETKF))

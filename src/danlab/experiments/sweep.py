@@ -458,8 +458,14 @@ def _client(scheduler, workers: int):
     if isinstance(scheduler, Client):
         return scheduler, lambda: None
     if scheduler is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR)
+        # Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536 (to give memory back to the OS), which also
+        # turns off glibc's adaptive mmap threshold: every tensor above 128 KiB is then mmapped, page-faulted in and
+        # unmapped again at each use. A training step of configs/l96/dan_fast.yaml took 3.2x as long that way (half
+        # of it in the kernel): benchmarks/sweep_worker_env.py. Our workers keep the default allocator.
+        import dask
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                   silence_logs=logging.ERROR)
         client = Client(cluster)
 
         def close():
