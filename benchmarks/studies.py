@@ -101,12 +101,13 @@ def main() -> None:
                 g = g.sort_values(key)
                 x = g[key] * (scale or 1)
                 ax.errorbar(x, g["armse"], yerr=g["armse_ci"], marker="o", ms=3, capsize=2, label=lab)
-            cols = [c for c in [key] + others + (["seed"] if seeds else []) if c in df] + ["armse", "armse_ci", "n_diverged"]
+            axes = [c for c in [key] + others + (["seed"] if seeds else []) if c in df]
+            cols = axes + ["armse", "armse_ci", "n_diverged"]
             cols += [c for c in df.columns if c.startswith("best_") or c == "val_armse"]
             own = ROOT / "configs" / "sweeps" / f"{name}_{a.budget}.yaml"
             sweep_file = own.name if own.is_file() else f"{name}.yaml"
             md.append(f"**{label}** (`danlab sweep configs/sweeps/{sweep_file} --budget {a.budget}`):\n\n")
-            md.append(markdown_table(cols, df.sort_values(cols[:len(cols) - 3])[cols].values.tolist()) + "\n")
+            md.append(markdown_table(cols, df.sort_values(axes)[cols].values.tolist()) + "\n")
             if seeds and not others:
                 md.append("\n" + trend_table(seed_summary(df, key), key) + "\n")
         if found:

@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     cfg = load_config(TrainRunConfig, a.config)
     if not cfg.net.gate or not cfg.train.init_from:
         raise SystemExit(f"{a.config}: needs net.gate and train.init_from (the trained body the gate is fitted on)")
+    if cfg.net.reflect or cfg.net.precision_input:  # the design matrix is of the plain layers' gated term only
+        raise SystemExit(f"{a.config}: the least-squares gate takes a network without net.reflect and "
+                         f"net.precision_input")
     t0 = time.time()
     body, body_meta = load_net(cfg.train.init_from)
     net = build_net(cfg.net)

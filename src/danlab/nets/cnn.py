@@ -197,10 +197,14 @@ class AnalysisNet(nn.Module):
         a, b = f(two(E), two(zeta), two(zeta_members), two(prec, 1.0)).chunk(2)
         return 0.5 * (a + reflect(b))
 
+    def hidden(self, E: torch.Tensor, zeta: torch.Tensor, prec: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden layer h (B*N, Nf, Nx), which the output layer and the gate read (by the layers)."""
+        return self.act(self.blocks(self.inp(self.features(E, zeta, prec))))
+
     def _layers(self, E, zeta, zeta_members, prec) -> torch.Tensor:
         """The network by its layers (training, autograd)."""
         B, N, Nx = E.shape
-        h = self.act(self.blocks(self.inp(self.features(E, zeta, prec))))
+        h = self.hidden(E, zeta, prec)
         da = self.out(h).view(B, N, Nx)
         zn = zeta.unsqueeze(1) if zeta_members is None else zeta_members
         if self.cfg.gate:

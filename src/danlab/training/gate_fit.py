@@ -19,9 +19,10 @@ from danlab.nets.cnn import AnalysisNet
 
 
 def hidden(net: AnalysisNet, E: torch.Tensor, zeta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last hidden layer h (B*N, Nf, Nx) and the body's increment without the gate, out(h) + gain zeta."""
+    """The last hidden layer h (B*N, Nf, Nx) and the body's increment without the gate, out(h) + gain zeta, for a
+    network that averages over no reflection and takes no precision input (scripts/fit_gate.py refuses those)."""
     B, N, Nx = E.shape
-    h = net.act(net.blocks(net.inp(net.features(E, zeta))))
+    h = net.hidden(E, zeta)
     return h, net.out(h).view(B, N, Nx) + net.gain * zeta.unsqueeze(1)
 
 
