@@ -148,6 +148,25 @@ def test_tune_sweep_keeps_the_best_hyperparameters(tmp_path):
         assert float(at["best_filter.infl"]) == best["filter.infl"]
 
 
+def test_tune_seed_scores_values_chosen_on_another_seed(tmp_path):
+    """With tune_seed the grid runs on that seed and the point's score is a run of the best values on its own seed:
+    equal to tuning on the tuning seed by hand, then running the winner on the scored seed."""
+    s = Sweep(name="ts", kind="tune", config=ETKF | {"seed": 3}, grid={"filter.N": [10]}, tune=["infl=1.0,1.05,1.1"],
+              tune_seed=7)
+    r = run_sweep(s, out=tmp_path, scheduler="synchronous", progress=False)
+    assert r["failed"] == []
+    d = tmp_path / "ts" / "filter.N=10"
+    tuning = pd.read_csv(d / "tuning" / "tune.csv")
+    winner = tuning.loc[tuning["armse"].idxmin()]
+    at = r["dataset"].sel({"filter.N": 10})
+    assert float(at["best_filter.infl"]) == winner["filter.infl"]
+    assert float(at["tune_armse"]) == pytest.approx(winner["armse"])
+    by_hand = runner.run_experiment(runner.validate(runner.RunConfig, ETKF | {
+        "seed": 3, "filter": ETKF["filter"] | {"infl": float(winner["filter.infl"])}}), None)
+    assert float(at["armse"]) == by_hand["armse"]  # the scored seed's run, not the tuning run's score
+    assert float(at["armse"]) != pytest.approx(winner["armse"], rel=1e-9)
+
+
 def test_point_ids_are_readable_and_stable():
     assert point_id({"filter.N": 20}) == "filter.N=20"
     assert point_id({"filter.N": 20, "filter.infl": 1.05}) == "filter.N=20,filter.infl=1.05"
@@ -165,6 +184,9 @@ def test_point_ids_are_readable_and_stable():
     ({"kind": "tune"}, "tune: kind tune needs"),
     ({"grid": {"evaluate.cycles": [5]}}, "evaluate.cycles: `evaluate.` keys are only for kind train"),
     ({"set": ["cycles"]}, "set: expected key.sub=value"),
+    ({"tune_seed": 1}, "tune_seed: only for kind tune"),
+    ({"kind": "tune", "tune": ["infl=1,1.05"], "tune_seed": 0}, "tune_seed: 0 is the scored seed too"),
+    ({"kind": "tune", "tune": ["infl=1,1.05"], "tune_seed": 1, "set": ["seed=2"]}, "tune_seed: the scored seed is"),
     ({"base": "missing.yaml"}, "missing.yaml: no such config file"),
     ({"name": "a/b"}, "name"),
 ])

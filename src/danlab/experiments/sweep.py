@@ -10,6 +10,7 @@ A sweep file (YAML)::
     grid:                      # the axes: dotted config key -> list of values; points = cartesian product
       filter.N: [5, 10, 20, 40]
     tune: ["infl=1.0:1.1:0.02"]  # kind tune only: the grid given to runner.tune at each point (parse_grid syntax)
+    tune_seed: 1               # kind tune only, optional: tune on this seed, score the best values on the point's own
     evaluate:                  # kind train only: the evaluation of each trained network (RunConfig fields)
       cycles: 5000
       batch: 8
@@ -22,7 +23,10 @@ A sweep file (YAML)::
 What a point does:
   run    runner.run_experiment(RunConfig) in the point's folder.
   tune   runner.tune(RunConfig, tune grids) in the point's folder; the point's score is the best-tuned
-         aRMSE, and the best hyperparameters are kept (variables `best_<key>` in the results).
+         aRMSE, and the best hyperparameters are kept (variables `best_<key>` in the results). With
+         `tune_seed` the grid runs on that seed instead (in <point>/tuning/), and the point's score is a
+         run of the best values on the point's own seed: hyperparameters never chosen on the scored
+         truth and observations (`tune_armse` keeps the tuning run's best score).
   train  trainer.train(TrainRunConfig) in <sweep>/train-<hash>/, then the best network (train-<hash>/best)
          is evaluated with runner.run_experiment on a RunConfig built like `danlab eval`: model and
          observations of the training, filter {method: learned, checkpoint, N: train.N}, defaults
@@ -78,7 +82,7 @@ import numpy as np
 import yaml
 from pydantic import Field
 
-from danlab.config import ConfigError, Strict, parse_value, read_yaml, validate
+from danlab.config import ConfigError, Strict, apply_overrides, parse_value, read_yaml, validate
 from danlab.io import atomic_write_text, check_output_dir, write_json
 
 DONE, ERROR = "done.json", "error.txt"
@@ -102,6 +106,7 @@ class Sweep(Strict):
     set: Overrides = Field(default_factory=dict)
     grid: dict[str, list[Any]]
     tune: list[str] = Field(default_factory=list)
+    tune_seed: int | None = Field(None, ge=0, description="kind tune: the seed the grid is tuned on (None: the scored one)")
     evaluate: dict[str, Any] = Field(default_factory=dict)
     budgets: dict[str, Overrides] = Field(default_factory=dict)
     budget: str | None = Field(None, description="the budget in use (a key of budgets)")
@@ -179,6 +184,14 @@ def _check(s: Sweep) -> None:
             raise ConfigError(f"tune: {sorted(clash)[0]} is also a sweep axis")
     elif s.tune:
         raise ConfigError("tune: only for kind tune")
+    if s.tune_seed is not None:
+        if s.kind != "tune":
+            raise ConfigError("tune_seed: only for kind tune")
+        if "seed" in keys:
+            raise ConfigError("tune_seed: the scored seed is an axis or override; tune_seed must differ from every "
+                              "one of them, so give the scored seed in the base config")
+        if s.tune_seed == s.config.get("seed", 0):
+            raise ConfigError(f"tune_seed: {s.tune_seed} is the scored seed too; choose another")
     if s.budget is not None and s.budget not in s.budgets:
         raise ConfigError(f"budget: unknown budget {s.budget!r}")
 
@@ -309,7 +322,8 @@ def _expand(s: Sweep, root: Path, threads: int) -> tuple[list[Point], list[Train
                 cfg = validate(RunConfig, data)
                 p.config = _dump(cfg)
                 p.hash = _short_hash({"kind": s.kind, "config": _strip(p.config, "threads"),
-                                      "tune": s.tune_grids() if s.kind == "tune" else None}, 16)
+                                      "tune": s.tune_grids() if s.kind == "tune" else None,
+                                      **({"tune_seed": s.tune_seed} if s.tune_seed is not None else {})}, 16)
             else:
                 tdata = copy.deepcopy(s.config)
                 for k, v in pairs:
@@ -397,7 +411,9 @@ def point_task(spec: dict, threads: int, training: dict | None = None) -> dict:
             raise RuntimeError(f"training {spec['train_hash']} failed: {training.get('error')}")
         cfg = validate(RunConfig, copy.deepcopy(spec["config"]))
         t0 = time.perf_counter()
-        if spec["kind"] == "tune":
+        if spec["kind"] == "tune" and spec.get("tune_seed") is not None:
+            summary = _tune_then_score(cfg, spec, d)
+        elif spec["kind"] == "tune":
             summary = tune(cfg, [tuple(g) for g in spec["tune"]], d, progress=False)
             table = summary.pop("table")
             best = summary.get("best")
@@ -416,6 +432,20 @@ def point_task(spec: dict, threads: int, training: dict | None = None) -> dict:
         line = _one_line(exc)
         _write_error(d, line, traceback.format_exc())
         return {"status": "failed", "id": spec["id"], "error": line}
+
+
+def _tune_then_score(cfg, spec: dict, d: Path) -> dict:
+    """Tune on spec["tune_seed"] (in d/tuning), then run the best values on cfg's own seed (in d)."""
+    from danlab.experiments.runner import run_experiment, tune
+
+    tuned = tune(cfg.model_copy(update={"seed": spec["tune_seed"]}), [tuple(g) for g in spec["tune"]], d / "tuning",
+                 progress=False)
+    best = tuned.get("best")
+    if not best:
+        raise RuntimeError(f"every tuning point diverged on seed {spec['tune_seed']}: nothing to score")
+    data = apply_overrides(cfg.model_dump(mode="json", exclude_none=True), [f"{k}={v}" for k, v in best.items()])
+    summary = run_experiment(validate(type(cfg), data), d, progress=False)
+    return {**summary, "best": best, "tune_seed": spec["tune_seed"], "tune_armse": tuned["armse"]}
 
 
 # ---- execution -------------------------------------------------------------------------------------
@@ -498,7 +528,7 @@ def _execute(client, sweep: Sweep, todo: list[Point], trainings: list[Training],
     tune_grids = [list(g) for g in sweep.tune_grids()] if sweep.kind == "tune" else None
     for p in todo:
         spec = {"id": p.id, "dir": str(p.dir), "kind": sweep.kind, "config": p.config, "hash": p.hash,
-                "values": p.values, "tune": tune_grids, "train_hash": p.train.hash if p.train else None}
+                "values": p.values, "tune": tune_grids, "tune_seed": sweep.tune_seed, "train_hash": p.train.hash if p.train else None}
         args = (spec, threads) + ((train_futs[p.train.hash],) if p.train else ())
         futs[client.submit(point_task, *args, pure=False)] = p
     results = {}
@@ -547,7 +577,7 @@ def gather(sweep: Sweep, points: list[Point], records: dict[str, dict], errors: 
     if sweep.kind == "tune":
         keys = sorted({k for r in records.values() for k, v in (r.get("best") or {}).items()
                        if isinstance(v, int | float) and not isinstance(v, bool)})
-        names += [f"best_{k}" for k in keys]
+        names += [f"best_{k}" for k in keys] + (["tune_armse"] if sweep.tune_seed is not None else [])
     if sweep.kind == "train":
         names.append("val_armse")
     data = {n: np.full(shape, np.nan) for n in names}
