@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from danlab.cycle import run_cycles
+from danlab.io import atomic_write_text
 from danlab.filters.ensemble import EnKF_N
 from danlab.learned import Learned
 from danlab.models import Lorenz96
@@ -319,7 +320,7 @@ NOTES = """## What changed (issue 19) and what the figures say
   and the aRMSE within 1e-6).
 - **GELU and per-call overhead (2026-11-30)**: on x86 CPUs the exact GELU of a contiguous float32 matrix goes to
   oneDNN, which costs a fixed ~7 µs per call (10 µs for a 40 × 40 matrix against 3 µs for ATen's own kernel,
-  measured on the 2-core AVX-512 Xeon of this run); the inference path applies it through a transposed view below
+  measured on the 2-core AVX-512 Xeon of the 2026-11-30 run); the inference path applies it through a transposed view below
   512 columns, which takes ATen's kernel (the two differ by a few ulp). The weight matrices are no longer checked
   against the parameters' storage at each call (77 µs at Nx 40: 54 data_ptr() calls through nn.Module attribute
   lookups); they are dropped instead whenever the parameters may move (`.to()`, `.float()`) or the mode changes
@@ -414,7 +415,7 @@ NOTES = """## What changed (issue 19) and what the figures say
   2.4–3.1 ms in the timed runs on this machine (its own loop, NumPy on one state, varies as much as danlab's between
   runs): 2.1× before the NumPy model, 3.1× and 3.0× after it; 1.7× and 2.6× in earlier runs on a 2-core AVX2 EPYC.
   After the third change above, two runs of this script (other jobs paused): 3.8× and 4.6× (4.0× and 4.8× like for
-  like), while `benchmarks/dapper_reference.py` said 3.3–3.4×. After the fifth change (this run, 20:28 UTC): danlab
+  like), while `benchmarks/dapper_reference.py` said 3.3–3.4×. After the fifth change (the Xeon run of 2026-11-30 20:28 UTC, this file at commit 03c4c9e): danlab
   0.59 ms against DAPPER's 3.51 ms, **5.9× (6.3× like for like)**; `python benchmarks/dapper_reference.py`, the median
   over three seeds of danlab's run over the DAPPER run it followed (10,500 cycles each, nothing else running):
   **4.55×** (per seed 4.55, 5.03, 2.67), and 4.17× (4.17, 5.11, 2.61) in the run before, whose danlab runs were
@@ -422,13 +423,22 @@ NOTES = """## What changed (issue 19) and what the figures say
   907, 1458 and 1529 cycles/s. So one experiment is past the 4× target in both protocols. Of danlab's ~0.6 ms: the
   truth, observations and forecast ~0.1 ms, the Newton iterations ~0.1 ms, the 20 × 20 eigendecomposition ~0.06 ms,
   ~100 small torch calls. At B 64 the 64 LAPACK eigendecompositions of 20 × 20 (~31 µs each, one after another inside
-  torch.linalg.eigh, ~2.0 ms of this run's 5.65 ms) are the largest part of the cycle, the model (~1 ms for 64 × 20
-  members) the next: 39.7× in this run against 50×. The next lever there: an eigensolver batched across matrices
+  torch.linalg.eigh, ~2.0 ms of that run's 5.65 ms) are the largest part of the cycle, the model (~1 ms for 64 × 20
+  members) the next: 39.7× in that run against 50×. The next lever there: an eigensolver batched across matrices
   (e.g. Jacobi sweeps on the whole batch), which changes every EnKF-N score's round-off (all stored EnKF-N tables
   would be rerun), or the eigh split across processes. benchmarks/inference_floor.py (2026-12-01, idle Xeon): DAPPER
   2.35–2.40 ms per cycle in its three runs, so 50× asks for ≤ 3.0–3.07 ms at B 64, while the truth, observations,
   forecast and the 64 eigendecompositions alone take 3.30–3.56 ms of the 5.25–5.44: out of reach without changing those parts' arithmetic (and so
   every stored score), whatever the rest of the analysis costs.
+- **Rerun on the 2-core Zen 4 EPYC (AVX-512 with bf16 instructions, no AMX), idle, 2026-12-02 12:53 UTC (the tables
+  above; `python benchmarks/filter_speed.py`)**: DAPPER 3.58 ms per cycle, danlab's EnKF-N (N 20) 0.76 ms at B 1:
+  **4.7× (5.0× like for like), the 4× target met on a second machine**; 6.70 ms at B 64: **34.2× (36.4×), the 50×
+  target missed** (39.7× on the Xeon). a_θ / EnKF-N(N = Nx) 1.03 at Nx 40 and 0.49 at Nx 160 (1.20 and 0.41 on the
+  Xeon): both targets missed by the margins the floor above predicts. A cProfile of the B-64 cycle on this machine
+  (300 cycles, another job on both cores): the 64 decompositions 33 % of it, the model's tendency 14 %, the
+  analysis's own batched products 12 %, the 64 per-experiment noise draws (`torch.randn`, one generator per
+  experiment so that a row's numbers do not depend on its batch) 4 %: no single part whose removal reaches 50×
+  without changing the numbers.
 """
 
 
@@ -476,8 +486,8 @@ def main() -> None:
     out["wall_s"] = round(time.time() - t0, 1)
     prefix = Path(a.out)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    prefix.with_suffix(".md").write_text(report(out))
+    atomic_write_text(prefix.with_suffix(".json"), json.dumps(out, indent=1))
+    atomic_write_text(prefix.with_suffix(".md"), report(out))
     print(f"wrote {prefix}.md and .json in {out['wall_s']} s", flush=True)
 
 
