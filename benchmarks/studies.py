@@ -4,7 +4,8 @@ figure, plus one figure per study that puts a_θ beside the classical filters on
     for s in configs/sweeps/*.yaml; do danlab sweep $s --budget reduced; done
     python benchmarks/studies.py --budget reduced
 
-Reads runs/sweeps/<name>-<budget>/results.{csv,nc}; writes docs/results/studies/<budget>/.
+Reads runs/sweeps/<name>-<budget>/results.{csv,nc}, or, for a sweep not run on this machine, the copy gathered
+before in docs/results/studies/<budget>/<name>/; writes docs/results/studies/<budget>/.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import command_line, markdown_table, provenance  # noqa: E402
+
+from danlab.io import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,14 +78,18 @@ def main() -> None:
         md.append(f"\n## {study}\n")
         for name, label, key, scale in parts:
             src = Path(a.sweeps) / f"{name}-{a.budget}"
+            own = ROOT / "configs" / "sweeps" / f"{name}_{a.budget}.yaml"  # a budget's own sweep file, if it has one
+            sweep_file = own.name if own.is_file() else f"{name}.yaml"
+            dst = out / name
+            if not (src / "results.csv").is_file() and (dst / "results.csv").is_file():
+                src = dst  # gathered before (on another machine): its copy here is the record
             if not (src / "results.csv").is_file():
-                md.append(f"- `{name}`: not run (`danlab sweep configs/sweeps/{name}.yaml --budget {a.budget}`)\n")
+                md.append(f"- `{name}`: not run (`danlab sweep configs/sweeps/{sweep_file} --budget {a.budget}`)\n")
                 continue
             found = True
-            dst = out / name
             dst.mkdir(exist_ok=True)
             for f in ("results.csv", "results.nc", "results.png", "sweep.yaml"):
-                if (src / f).is_file():
+                if (src / f).is_file() and src != dst:
                     shutil.copy2(src / f, dst / f)
             df = pd.read_csv(src / "results.csv")
             df = df[df["status"] == 0] if "status" in df else df
@@ -103,9 +110,7 @@ def main() -> None:
                 ax.errorbar(x, g["armse"], yerr=g["armse_ci"], marker="o", ms=3, capsize=2, label=lab)
             axes = [c for c in [key] + others + (["seed"] if seeds else []) if c in df]
             cols = axes + ["armse", "armse_ci", "n_diverged"]
-            cols += [c for c in df.columns if c.startswith("best_") or c == "val_armse"]
-            own = ROOT / "configs" / "sweeps" / f"{name}_{a.budget}.yaml"
-            sweep_file = own.name if own.is_file() else f"{name}.yaml"
+            cols += [c for c in df.columns if c.startswith("best_") or c in ("tune_armse", "val_armse")]
             md.append(f"**{label}** (`danlab sweep configs/sweeps/{sweep_file} --budget {a.budget}`):\n\n")
             md.append(markdown_table(cols, df.sort_values(axes)[cols].values.tolist()) + "\n")
             if seeds and not others:
@@ -121,7 +126,7 @@ def main() -> None:
             fig.savefig(out / f"{study}.png", dpi=110)
             md.append(f"![{study}]({study}.png)\n")
         plt.close(fig)
-    (out / "README.md").write_text("".join(md))
+    atomic_write_text(out / "README.md", "".join(md))
     print(f"wrote {out}")
 
 
