@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -165,6 +166,19 @@ def test_tune_seed_scores_values_chosen_on_another_seed(tmp_path):
         "seed": 3, "filter": ETKF["filter"] | {"infl": float(winner["filter.infl"])}}), None)
     assert float(at["armse"]) == by_hand["armse"]  # the scored seed's run, not the tuning run's score
     assert float(at["armse"]) != pytest.approx(winner["armse"], rel=1e-9)
+
+
+def test_tune_seed_where_every_value_diverges_is_a_result_not_a_failure(tmp_path):
+    """A filter lost at every tuned value on the tuning seed (e.g. the EnKF-N below L96's unstable dimension) is a
+    finding of the study: the point is done, unscored (NaN) and counted as diverged, not retried as an error."""
+    s = Sweep(name="lost", kind="tune", config=ETKF | {"seed": 3, "batch": 2, "divergence_factor": 0.01},
+              grid={"filter.N": [10]}, tune=["infl=1.0,1.05"], tune_seed=7)
+    r = run_sweep(s, out=tmp_path, scheduler="synchronous", progress=False)
+    assert r["failed"] == []
+    at = r["dataset"].sel({"filter.N": 10})
+    assert math.isnan(float(at["armse"])) and math.isnan(float(at["tune_armse"]))
+    assert int(at["n_diverged"]) == 2
+    assert (tmp_path / "lost" / "filter.N=10" / "done.json").is_file()
 
 
 def test_point_ids_are_readable_and_stable():

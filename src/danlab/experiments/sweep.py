@@ -441,8 +441,10 @@ def _tune_then_score(cfg, spec: dict, d: Path) -> dict:
     tuned = tune(cfg.model_copy(update={"seed": spec["tune_seed"]}), [tuple(g) for g in spec["tune"]], d / "tuning",
                  progress=False)
     best = tuned.get("best")
-    if not best:
-        raise RuntimeError(f"every tuning point diverged on seed {spec['tune_seed']}: nothing to score")
+    if not best:  # a result, as in a plain tune point: diverged at every tuned value, nothing to score on cfg's seed
+        table = tuned.pop("table")
+        return {**tuned, "best": None, "tune_seed": spec["tune_seed"], "tune_armse": math.nan,
+                "n_diverged": min(r["n_diverged"] for r in table)}
     data = apply_overrides(cfg.model_dump(mode="json", exclude_none=True), [f"{k}={v}" for k, v in best.items()])
     summary = run_experiment(validate(type(cfg), data), d, progress=False)
     return {**summary, "best": best, "tune_seed": spec["tune_seed"], "tune_armse": tuned["armse"]}
