@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from danlab.cycle import run_cycles
-from danlab.io import atomic_write_text
 from danlab.filters.ensemble import EnKF_N
+from danlab.io import atomic_write_text
 from danlab.learned import Learned
 from danlab.models import Lorenz96
 from danlab.observations import Observer
