@@ -418,7 +418,7 @@ def point_task(spec: dict, threads: int, training: dict | None = None) -> dict:
             table = summary.pop("table")
             best = summary.get("best")
             row = next((r for r in table if best and all(r[k] == v for k, v in best.items())), None)
-            summary["n_diverged"] = row["n_diverged"] if row else math.nan
+            summary["n_diverged"] = row["n_diverged"] if row else _fewest_diverged(table)
         else:
             summary = run_experiment(cfg, d, progress=False)
         record = {"point": spec["id"], "values": spec["values"], "kind": spec["kind"], "config_hash": spec["hash"],
@@ -444,10 +444,15 @@ def _tune_then_score(cfg, spec: dict, d: Path) -> dict:
     if not best:  # a result, as in a plain tune point: diverged at every tuned value, nothing to score on cfg's seed
         table = tuned.pop("table")
         return {**tuned, "best": None, "tune_seed": spec["tune_seed"], "tune_armse": math.nan,
-                "n_diverged": min(r["n_diverged"] for r in table)}
+                "n_diverged": _fewest_diverged(table)}
     data = apply_overrides(cfg.model_dump(mode="json", exclude_none=True), [f"{k}={v}" for k, v in best.items()])
     summary = run_experiment(validate(type(cfg), data), d, progress=False)
     return {**summary, "best": best, "tune_seed": spec["tune_seed"], "tune_armse": tuned["armse"]}
+
+
+def _fewest_diverged(table: list[dict]) -> int:
+    """A tune point lost at every tuned value counts the divergences of its least bad value."""
+    return min(r["n_diverged"] for r in table)
 
 
 # ---- execution -------------------------------------------------------------------------------------
