@@ -5,7 +5,8 @@ figure, plus one figure per study that puts a_θ beside the classical filters on
     python benchmarks/studies.py --budget reduced
 
 Reads runs/sweeps/<name>-<budget>/results.{csv,nc}, or, for a sweep not run on this machine, the copy gathered
-before in docs/results/studies/<budget>/<name>/; writes docs/results/studies/<budget>/.
+before in docs/results/studies/<budget>/<name>/ (whose NOTE.md, if any, says what its table cannot: a rerun, its
+code); writes docs/results/studies/<budget>/.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ import pandas as pd  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import command_line, markdown_table, provenance  # noqa: E402
 
+from danlab.config import RENAMED  # noqa: E402
 from danlab.io import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# a copy gathered before a key was renamed (model.steps, train.Ne) names its axis as the sweep files do now
+UPGRADED = {old: f"{old.split('.')[0]}.{new}" for old, new in RENAMED.items()}
 
 # study: (axis label, [(sweep name, label, axis key, transform of the axis)])
 STUDIES = {
@@ -91,9 +95,11 @@ def main() -> None:
             for f in ("results.csv", "results.nc", "results.png", "sweep.yaml"):
                 if (src / f).is_file() and src != dst:
                     shutil.copy2(src / f, dst / f)
-            df = pd.read_csv(src / "results.csv")
+            df = pd.read_csv(src / "results.csv").rename(columns=UPGRADED)
             df = df[df["status"] == 0] if "status" in df else df
-            others = [c for c in df.columns if "." in c and c != key and df[c].nunique() > 1]
+            # the other swept axes (not the tuned values a tune sweep reports as best_<key>, which vary with the axis)
+            others = [c for c in df.columns if "." in c and c != key and not c.startswith("best_")
+                      and df[c].nunique() > 1]
             seeds = "seed" in df and df["seed"].nunique() > 1  # training seeds as an axis: their spread is the error bar
             groups = df.groupby(others) if others else [(None, df)]
             for gkey, g in groups:
@@ -111,7 +117,9 @@ def main() -> None:
             axes = [c for c in [key] + others + (["seed"] if seeds else []) if c in df]
             cols = axes + ["armse", "armse_ci", "n_diverged"]
             cols += [c for c in df.columns if c.startswith("best_") or c in ("tune_armse", "val_armse")]
-            md.append(f"**{label}** (`danlab sweep configs/sweeps/{sweep_file} --budget {a.budget}`):\n\n")
+            note = dst / "NOTE.md"  # the provenance of a copy that a table alone cannot say (a rerun, its code)
+            note = f"; {note.read_text().strip()}" if note.is_file() else ""
+            md.append(f"**{label}** (`danlab sweep configs/sweeps/{sweep_file} --budget {a.budget}`{note}):\n\n")
             md.append(markdown_table(cols, df.sort_values(axes)[cols].values.tolist()) + "\n")
             if seeds and not others:
                 md.append("\n" + trend_table(seed_summary(df, key), key) + "\n")
