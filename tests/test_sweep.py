@@ -136,6 +136,27 @@ def test_train_sweep_shares_one_training(tmp_path, monkeypatch):
     assert (r["done"], r["skipped"], len(calls)) == (0, 2, 1)
 
 
+def test_a_network_finished_by_another_sweep_is_evaluated_not_trained_again(tmp_path, monkeypatch):
+    """Two studies that share a point (the same training config) train it once: the second sweep copies the finished
+    network into its own folder, and its scores are those of training it itself."""
+    calls = []
+    real = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = Sweep(name="a", kind="train", config=TINY, grid={"evaluate.observations.sigma": [0.5]},
+                  evaluate={"cycles": 50, "burn_in": 10, "batch": 2})
+    second = Sweep(name="b", kind="train", config=TINY, grid={"evaluate.observations.sigma": [1.0]},
+                   evaluate={"cycles": 50, "burn_in": 10, "batch": 2})
+    run_sweep(first, out=tmp_path / "shared", scheduler="synchronous", progress=False)
+    r = run_sweep(second, out=tmp_path / "shared", scheduler="synchronous", progress=False)
+    assert r["failed"] == [] and r["done"] == 1 and len(calls) == 1
+    (copied,) = (tmp_path / "shared" / "b").glob("train-*")
+    done = json.loads((copied / "done.json").read_text())
+    assert done["dir"] == str(copied) and done["copied_from"] == str(tmp_path / "shared" / "a" / copied.name)
+    alone = run_sweep(second, out=tmp_path / "alone", scheduler="synchronous", progress=False)
+    assert len(calls) == 2
+    assert float(r["dataset"]["armse"][0]) == float(alone["dataset"]["armse"][0])
+
+
 def test_tune_sweep_keeps_the_best_hyperparameters(tmp_path):
     s = Sweep(name="tu", kind="tune", config=ETKF, grid={"filter.N": [10, 20]}, tune=["infl=1.0,1.05"])
     r = run_sweep(s, out=tmp_path, scheduler="synchronous", progress=False)

@@ -71,6 +71,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -519,6 +520,25 @@ def _client(scheduler, workers: int):
     raise ConfigError(f"scheduler: expected None, 'synchronous', an address or a Client (got {scheduler!r})")
 
 
+def _adopt_finished_training(t: Training) -> dict | None:
+    """The same network (same training hash: same config but threads) finished by another sweep in the same parent
+    folder, copied into this sweep's train-<hash> folder (e.g. the centre point every medium-budget study shares),
+    so that its points evaluate it instead of training it again. None if there is none."""
+    for other in sorted(t.dir.parent.parent.glob(f"*/train-{t.hash}")):
+        done = _read_done(other)
+        if other == t.dir or not done or done.get("hash") != t.hash:
+            continue
+        tmp = t.dir.with_name(t.dir.name + ".copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(other, tmp)
+        done = {**done, "dir": str(t.dir), "copied_from": str(other)}
+        write_json(tmp / DONE, done)
+        shutil.rmtree(t.dir, ignore_errors=True)  # an unfinished run of the same network: the finished one replaces it
+        tmp.rename(t.dir)
+        return done
+    return None
+
+
 def _execute(client, sweep: Sweep, todo: list[Point], trainings: list[Training], threads: int, log) -> dict:
     """Submit the tasks, collect the results as they complete; returns {point id: task result}."""
     train_futs = {}
@@ -526,6 +546,8 @@ def _execute(client, sweep: Sweep, todo: list[Point], trainings: list[Training],
         if not any(p in todo for p in t.points):
             continue
         done = _read_done(t.dir)
+        if not (done and done.get("hash") == t.hash):
+            done = _adopt_finished_training(t)
         if done and done.get("hash") == t.hash:
             train_futs[t.hash] = {"status": "ok", **done}
         else:
