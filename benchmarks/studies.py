@@ -60,9 +60,14 @@ def trend_table(m: pd.DataFrame, key: str) -> str:
     the two points' seed ranges and of their evaluation CIs (one experiment's ± 95 %)."""
     rows = []
     for (_, p), (_, q) in zip(m.iterrows(), m.iloc[1:].iterrows()):
+        step = f"{p[key]:g} → {q[key]:g}"
+        lost = [f"{r[key]:g}" for r in (p, q) if pd.isna(r["mean"])]
+        if lost:  # every experiment of a seed diverged: there is no score to compare
+            rows.append([step, "—", "—", f"no score at {' and '.join(lost)} (diverged)"])
+            continue
         change = q["mean"] - p["mean"]
         noise = max(p["max"] - p["min"], q["max"] - q["min"], p["ci"], q["ci"])
-        rows.append([f"{p[key]:g} → {q[key]:g}", f"{change:+.4f}", f"{noise:.4f}",
+        rows.append([step, f"{change:+.4f}", f"{noise:.4f}",
                      "exceeds the noise" if abs(change) > noise else "within the noise"])
     return markdown_table(["step", "change of the seed mean", "seed range or CI (the larger)", "verdict"], rows)
 
