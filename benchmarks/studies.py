@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import command_line, markdown_table, provenance  # noqa: E402
 
 from danlab.config import RENAMED  # noqa: E402
+from danlab.experiments.sweep import grid_points, load_sweep  # noqa: E402
 from danlab.io import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,64 @@ STUDIES = {
     "dt": ("observation interval Δt", [("dt_dan", "a_θ", "model.substeps", 0.05), ("dt_enkf_n", "EnKF-N, N=20", "model.substeps", 0.05),
                                        ("dt_ienkf", "IEnKF, N=20", "model.substeps", 0.05), ("dt_var3d", "3D-Var, tuned", "model.substeps", 0.05)]),
 }
+
+
+def sweep_path(name: str, budget: str) -> Path:
+    """A budget's own sweep file if it has one (nt_medium.yaml), else the sweep's file (nt.yaml)."""
+    own = ROOT / "configs" / "sweeps" / f"{name}_{budget}.yaml"
+    return own if own.is_file() else ROOT / "configs" / "sweeps" / f"{name}.yaml"
+
+
+def gathered(name: str, budget: str, sweeps: Path, out: Path) -> Path | None:
+    """The folder holding a sweep's results.csv: this machine's run, else the copy gathered before."""
+    for d in (sweeps / f"{name}-{budget}", out / name):
+        if (d / "results.csv").is_file():
+            return d
+    return None
+
+
+def read_results(d: Path) -> pd.DataFrame:
+    """A gathered results.csv, its axes and point ids under the names the sweep files use now."""
+    df = pd.read_csv(d / "results.csv").rename(columns=UPGRADED)
+    for old, new in UPGRADED.items():
+        df["point"] = df["point"].str.replace(f"{old}=", f"{new}=", regex=False)
+    return df
+
+
+def point_hashes(name: str, budget: str) -> dict[str, tuple[str, dict]]:
+    """{point id: (config hash, axis values)} of a sweep file's grid, as `danlab sweep` computes them."""
+    try:
+        points = grid_points(load_sweep(sweep_path(name, budget), budget))
+    except Exception:  # noqa: BLE001 - a sweep file that no longer loads shares nothing
+        return {}
+    return {p.id: (p.hash, p.values) for p in points if not p.error}
+
+
+def fill_shared_points(name: str, df: pd.DataFrame, budget: str, sweeps: Path, out: Path) -> pd.DataFrame:
+    """The points of `name`'s grid it has not run but another gathered sweep has, with the same config hash (the
+    same network evaluated the same way: e.g. σ 1 of the σ study is N_iter 10 of the N_iter study), taken from that
+    sweep and marked in a `same_as` column."""
+    own = point_hashes(name, budget)
+    missing = {pid: hv for pid, hv in own.items() if pid not in set(df["point"])}
+    rows = []
+    for other in sorted({n for _, parts in STUDIES.values() for n, *_ in parts} - {name}):
+        if not missing:
+            break
+        src = gathered(other, budget, sweeps, out)
+        if src is None:
+            continue
+        by_hash = {h: pid for pid, (h, _) in point_hashes(other, budget).items()}
+        odf = read_results(src)
+        for pid, (h, values) in list(missing.items()):
+            found = odf[odf["point"] == by_hash.get(h)]
+            if len(found):
+                row = found.iloc[0].copy()
+                for axis, v in values.items():
+                    row[axis] = v
+                row["point"], row["same_as"] = pid, f"{other}: {by_hash[h]}"
+                rows.append(row)
+                del missing[pid]
+    return pd.concat([df, pd.DataFrame(rows)], ignore_index=True) if rows else df
 
 
 def seed_summary(df: pd.DataFrame, key: str) -> pd.DataFrame:
@@ -86,13 +145,10 @@ def main() -> None:
         found = False
         md.append(f"\n## {study}\n")
         for name, label, key, scale in parts:
-            src = Path(a.sweeps) / f"{name}-{a.budget}"
-            own = ROOT / "configs" / "sweeps" / f"{name}_{a.budget}.yaml"  # a budget's own sweep file, if it has one
-            sweep_file = own.name if own.is_file() else f"{name}.yaml"
+            sweep_file = sweep_path(name, a.budget).name
             dst = out / name
-            if not (src / "results.csv").is_file() and (dst / "results.csv").is_file():
-                src = dst  # gathered before (on another machine): its copy here is the record
-            if not (src / "results.csv").is_file():
+            src = gathered(name, a.budget, Path(a.sweeps), out)  # this machine's run, else the copy gathered before
+            if src is None:
                 md.append(f"- `{name}`: not run (`danlab sweep configs/sweeps/{sweep_file} --budget {a.budget}`)\n")
                 continue
             found = True
@@ -100,7 +156,10 @@ def main() -> None:
             for f in ("results.csv", "results.nc", "results.png", "sweep.yaml"):
                 if (src / f).is_file() and src != dst:
                     shutil.copy2(src / f, dst / f)
-            df = pd.read_csv(src / "results.csv").rename(columns=UPGRADED)
+            df = read_results(src)
+            df = fill_shared_points(name, df, a.budget, Path(a.sweeps), out)
+            if "same_as" in df:
+                df["same_as"] = df["same_as"].fillna("")
             df = df[df["status"] == 0] if "status" in df else df
             # the other swept axes (not the tuned values a tune sweep reports as best_<key>, which vary with the axis)
             others = [c for c in df.columns if "." in c and c != key and not c.startswith("best_")
@@ -121,7 +180,7 @@ def main() -> None:
                 ax.errorbar(x, g["armse"], yerr=g["armse_ci"], marker="o", ms=3, capsize=2, label=lab)
             axes = [c for c in [key] + others + (["seed"] if seeds else []) if c in df]
             cols = axes + ["armse", "armse_ci", "n_diverged"]
-            cols += [c for c in df.columns if c.startswith("best_") or c in ("tune_armse", "val_armse")]
+            cols += [c for c in df.columns if c.startswith("best_") or c in ("tune_armse", "val_armse", "same_as")]
             note = dst / "NOTE.md"  # the provenance of a copy that a table alone cannot say (a rerun, its code)
             note = f"; {note.read_text().strip()}" if note.is_file() else ""
             md.append(f"**{label}** (`danlab sweep configs/sweeps/{sweep_file} --budget {a.budget}`{note}):\n\n")

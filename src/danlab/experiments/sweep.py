@@ -356,6 +356,12 @@ def _expand(s: Sweep, root: Path, threads: int) -> tuple[list[Point], list[Train
     return points, list(trainings.values())
 
 
+def grid_points(s: Sweep) -> list[Point]:
+    """Every grid point of a sweep with its id, axis values and config hash, as `run_sweep` computes them (a point
+    with the same hash in two sweeps is the same computation)."""
+    return _expand(s, Path("."), 1)[0]
+
+
 # ---- tasks (run on the Dask workers; module-level so that they pickle by reference) -----------------
 
 def _one_line(exc: BaseException) -> str:
