@@ -104,7 +104,7 @@ def fill_shared_points(name: str, df: pd.DataFrame, budget: str, sweeps: Path, o
                 row["point"], row["same_as"] = pid, f"{other}: {by_hash[h]}"
                 rows.append(row)
                 del missing[pid]
-    return pd.concat([df, pd.DataFrame(rows)], ignore_index=True) if rows else df
+    return pd.concat([df, pd.DataFrame(rows)], ignore_index=True).fillna({"same_as": ""}) if rows else df
 
 
 def seed_summary(df: pd.DataFrame, key: str) -> pd.DataFrame:
@@ -158,8 +158,6 @@ def main() -> None:
                     shutil.copy2(src / f, dst / f)
             df = read_results(src)
             df = fill_shared_points(name, df, a.budget, Path(a.sweeps), out)
-            if "same_as" in df:
-                df["same_as"] = df["same_as"].fillna("")
             df = df[df["status"] == 0] if "status" in df else df
             # the other swept axes (not the tuned values a tune sweep reports as best_<key>, which vary with the axis)
             others = [c for c in df.columns if "." in c and c != key and not c.startswith("best_")

@@ -553,8 +553,8 @@ def _execute(client, sweep: Sweep, todo: list[Point], trainings: list[Training],
             continue
         done = _read_done(t.dir)
         if not (done and done.get("hash") == t.hash):
-            done = _adopt_finished_training(t)
-        if done and done.get("hash") == t.hash:
+            done = _adopt_finished_training(t)  # None, or a finished run of this very hash
+        if done:
             train_futs[t.hash] = {"status": "ok", **done}
         else:
             spec = {"dir": str(t.dir), "config": t.config, "hash": t.hash}
