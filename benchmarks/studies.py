@@ -85,6 +85,8 @@ def fill_shared_points(name: str, df: pd.DataFrame, budget: str, sweeps: Path, o
     same network evaluated the same way: e.g. σ 1 of the σ study is N_iter 10 of the N_iter study), taken from that
     sweep and marked in a `same_as` column."""
     own = point_hashes(name, budget)
+    if "status" in df:  # a point `--only` left out (status 2) is one this sweep has not run
+        df = df[df["status"] != 2]
     missing = {pid: hv for pid, hv in own.items() if pid not in set(df["point"])}
     rows = []
     for other in sorted({n for _, parts in STUDIES.values() for n, *_ in parts} - {name}):
@@ -183,8 +185,11 @@ def main() -> None:
             note = f"; {note.read_text().strip()}" if note.is_file() else ""
             md.append(f"**{label}** (`danlab sweep configs/sweeps/{sweep_file} --budget {a.budget}`{note}):\n\n")
             md.append(markdown_table(cols, df.sort_values(axes)[cols].values.tolist()) + "\n")
-            if seeds and not others:
-                md.append("\n" + trend_table(seed_summary(df, key), key) + "\n")
+            if seeds:  # a trend table per combination of the other axes
+                for gkey, g in groups:
+                    head = "" if gkey is None else ", ".join(
+                        f"{o}={v}" for o, v in zip(others, gkey if isinstance(gkey, tuple) else (gkey,))) + ":\n\n"
+                    md.append("\n" + head + trend_table(seed_summary(g, key), key) + "\n")
         if found:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("aRMSE")

@@ -291,6 +291,7 @@ def test_non_utf8_and_folder_configs(tmp_path):
     (["run", "configs/l96/etkf.yaml", "--set", "cycles=100000000000"], "cycles"),
     (["train", "configs/l96/dan_nf40.yaml", "--set", "net.kernel=101"], "net.kernel"),
     (["sweep", "configs/sweeps/example_tiny.yaml", "--scheduler", "banana"], "--scheduler banana"),
+    (["sweep", "configs/sweeps/example_tiny.yaml", "--only", "filter.N=15"], "--only filter.N=15: not a value"),
     (["train", "configs/l96/dan_nf40.yaml", "--set", "train.lr=inf"], "train.lr"),
     (["train", "configs/l96/dan_nf40.yaml", "--set", "train.train_only=[]"], "train.train_only"),
     (["train", "configs/l96/dan_fast.yaml", "--set", "train.train_only=[gates.]"], "'gates.' names no parameter"),

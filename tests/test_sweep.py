@@ -110,6 +110,31 @@ def test_failed_points_are_reported_and_retried(tmp_path, monkeypatch):
     assert (r["dataset"]["status"] == 0).all() and np.isfinite(r["dataset"]["armse"]).all()
 
 
+def test_only_runs_part_of_the_grid_and_gathers_what_is_finished(tmp_path):
+    """--only runs a part of the grid now, the rest later, in one folder: the results of the parts add up to the whole
+    grid run at once, point for point."""
+    s = Sweep(name="o", kind="run", config=ETKF, grid={"filter.N": [10, 20], "filter.infl": [1.02, 1.05]})
+    first = run_sweep(s, out=tmp_path / "parts", scheduler="synchronous", progress=False, only=["filter.infl=1.02"])
+    assert (first["done"], first["skipped"], first["not_run"], first["failed"]) == (2, 0, 2, [])
+    st = first["dataset"]["status"].sel({"filter.infl": 1.05})
+    assert (st == 2).all() and np.isnan(first["dataset"]["armse"].sel({"filter.infl": 1.05})).all()
+    assert not (tmp_path / "parts" / "o" / "filter.N=10,filter.infl=1.05").exists()  # nothing run, nothing written
+    # alternatives on one axis, axes combined: N=10 or N=20, and infl 1.05
+    second = run_sweep(s, out=tmp_path / "parts", scheduler="synchronous", progress=False,
+                       only=["filter.N=10", "filter.N=20", "filter.infl=1.05"])
+    assert (second["done"], second["skipped"], second["not_run"]) == (2, 2, 0)
+    whole = run_sweep(s, out=tmp_path / "whole", scheduler="synchronous", progress=False)
+    for k in ("armse", "armse_ci", "status"):
+        np.testing.assert_array_equal(second["dataset"][k].values, whole["dataset"][k].values)
+    again = run_sweep(s, out=tmp_path / "parts", scheduler="synchronous", progress=False, only=["filter.N=10"])
+    assert (again["done"], again["skipped"], again["not_run"]) == (0, 4, 0)  # finished points count whatever --only says
+    for only, match in ((["filter.M=3"], "filter.M is not an axis"), (["filter.N=15"], "not a value of the axis"),
+                        (["filter.N"], "expected key.sub=value")):
+        with pytest.raises(ConfigError, match=match):
+            run_sweep(s, out=tmp_path / "bad", scheduler="synchronous", progress=False, only=only)
+    assert not (tmp_path / "bad").exists()  # refused before anything is made
+
+
 def test_train_sweep_shares_one_training(tmp_path, monkeypatch):
     calls = []
     real = trainer.train

@@ -142,11 +142,12 @@ def cmd_sweep(a) -> int:
     from danlab.experiments.sweep import run_sweep
     check_output_dir(a.out or "runs/sweeps")
     r = run_sweep(a.sweep, out=a.out or "runs/sweeps", scheduler=a.scheduler, workers=a.workers,
-                  budget=a.budget, threads=a.threads, progress=not a.quiet)
+                  budget=a.budget, threads=a.threads, progress=not a.quiet, only=a.only)
     if a.json:
         print(json.dumps({k: v for k, v in r.items() if k != "dataset"}, default=str))
     else:
-        print(f"{r['name']}: {r['points']} points, {r['done']} done, {r['skipped']} skipped, {len(r['failed'])} failed; results in {r['results']}")
+        print(f"{r['name']}: {r['points']} points, {r['done']} done, {r['skipped']} skipped, {len(r['failed'])} failed"
+              + (f", {r['not_run']} not run (--only)" if r["not_run"] else "") + f"; results in {r['results']}")
     return 1 if r["failed"] else 0
 
 
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--budget", help="which of the sweep's budgets (default: reduced, if defined)")
     sp.add_argument("--threads", type=POSITIVE, default=1, help="PyTorch threads per task")
     sp.add_argument("--out", help="parent folder (default: runs/sweeps)")
+    sp.add_argument("--only", action="append", metavar="AXIS=VALUE",
+                    help="run only the points with this value on this axis (repeatable: values of one axis are "
+                         "alternatives, axes combine); the points finished before are gathered all the same")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(fn=cmd_sweep)

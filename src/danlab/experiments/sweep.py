@@ -49,11 +49,13 @@ its resolved config) LAST and atomically. On a rerun a point whose done.json mat
 training resumes from its last checkpoint. A point that fails (bad config value, exception, dead worker)
 writes `error.txt` (one line, the traceback below it), is listed in the report and retried on the next run;
 the other points go on. A done.json written for a different config (e.g. after a code change of a default)
-is not overwritten: the point is reported failed until its folder is deleted.
+is not overwritten: the point is reported failed until its folder is deleted. `--only axis=value` (repeatable)
+runs a part of the grid now and the rest later in the same folder: the points it leaves out are not run, those
+finished before are gathered all the same, the others get status 2 (not run).
 
 The results: <sweep>/results.nc (xarray, one dimension per axis named by its dotted key, the values as
 coordinates; variables armse, armse_ci, spread, spread_ratio, cycles_per_s, n_diverged, the `score` if another one,
-best_<key> for tune, val_armse for train, point (the id) and status: 0 done, 1 failed), results.csv (one
+best_<key> for tune, val_armse for train, point (the id) and status: 0 done, 1 failed, 2 not run), results.csv (one
 row per point), results.png (the score against the first axis, one line per combination of the others,
 error bars from armse_ci) and sweep.yaml (the resolved sweep, base config inline, with the budget used).
 
@@ -146,6 +148,19 @@ def _pairs(over, where: str) -> list[tuple[str, Any]]:
         k, v = item.split("=", 1)
         out.append((k.strip(), parse_value(v, f"{where}: {item}")))
     return out
+
+
+def _selection(s: Sweep, only: list[str] | None) -> dict[str, list]:
+    """`--only key=value` items as {axis: [values]}: a point is selected when each named axis holds one of its listed
+    values. Raises ConfigError for a key that is not an axis or a value that is not on it."""
+    chosen: dict[str, list] = {}
+    for key, value in _pairs(only or [], "--only"):
+        if key not in s.grid:
+            raise ConfigError(f"--only {key}={_fmt(value)}: {key} is not an axis of the grid (axes: {', '.join(s.grid)})")
+        if value not in s.grid[key]:
+            raise ConfigError(f"--only {key}={_fmt(value)}: not a value of the axis (it has {s.grid[key]})")
+        chosen.setdefault(key, []).append(value)
+    return chosen
 
 
 def _pick_budget(budgets: dict, budget: str | None) -> str | None:
@@ -601,8 +616,10 @@ def _num(x) -> float:
         return math.nan
 
 
-def gather(sweep: Sweep, points: list[Point], records: dict[str, dict], errors: dict[str, str]):
-    """The results as an xarray Dataset (one dimension per axis) and a pandas DataFrame (one row per point)."""
+def gather(sweep: Sweep, points: list[Point], records: dict[str, dict], errors: dict[str, str],
+           not_run: set[str] = frozenset()):
+    """The results as an xarray Dataset (one dimension per axis) and a pandas DataFrame (one row per point); status
+    0 done, 1 failed, 2 not run (left out by `only`)."""
     import pandas as pd
     import xarray as xr
 
@@ -623,6 +640,8 @@ def gather(sweep: Sweep, points: list[Point], records: dict[str, dict], errors: 
         r = records.get(p.id)
         ids[p.index] = p.id
         row = {"point": p.id, **{a: _fmt(v) if not isinstance(v, int | float | str) else v for a, v in p.values.items()}}
+        if p.id in not_run:
+            status[p.index] = 2
         if r is not None:
             status[p.index] = 0
             for n in names:
@@ -634,7 +653,7 @@ def gather(sweep: Sweep, points: list[Point], records: dict[str, dict], errors: 
     dims = tuple(axes)
     ds = xr.Dataset({n: (dims, v) for n, v in data.items()}, coords={a: _coord(sweep.grid[a]) for a in axes})
     ds["status"] = (dims, status)
-    ds["status"].attrs["long_name"] = "0: done, 1: failed"
+    ds["status"].attrs["long_name"] = "0: done, 1: failed, 2: not run"
     ds["point"] = (dims, ids.astype(str))
     ds.attrs.update({"sweep": sweep.name, "kind": sweep.kind, "budget": sweep.budget or "", "score": sweep.score,
                      "sweep_yaml": yaml.safe_dump(sweep.resolved(), sort_keys=False)})
@@ -688,12 +707,14 @@ def plot(ds, sweep: Sweep, path: Path) -> None:
 # ---- the sweep -------------------------------------------------------------------------------------
 
 def run_sweep(path_or_sweep: str | Path | Sweep, out: str | Path = "runs/sweeps", scheduler=None, workers: int = 2,
-              budget: str | None = None, threads: int = 1, progress: bool = True) -> dict:
+              budget: str | None = None, threads: int = 1, progress: bool = True, only: list[str] | None = None) -> dict:
     """Run every point of a sweep not finished yet, then gather all results into <out>/<sweep folder>/.
 
-    Returns {"name", "dir", "points", "done", "skipped", "failed": [(point_id, error)], "results": path of
-    results.nc, "dataset": xr.Dataset}: `done` counts the points finished in this call, `skipped` those
-    found finished. Raises ConfigError for a bad sweep file (never for a bad point).
+    `only` (["axis=value", ...]) runs just the points that hold one of the listed values on each named axis; the
+    others are not run, but those finished earlier are gathered all the same (status 2 marks the rest: not run).
+    Returns {"name", "dir", "points", "done", "skipped", "not_run", "failed": [(point_id, error)], "results": path
+    of results.nc, "dataset": xr.Dataset}: `done` counts the points finished in this call, `skipped` those found
+    finished. Raises ConfigError for a bad sweep file or `only` (never for a bad point).
     """
     from danlab.experiments.runner import write_netcdf
 
@@ -702,6 +723,7 @@ def run_sweep(path_or_sweep: str | Path | Sweep, out: str | Path = "runs/sweeps"
         _check(sweep)
     else:
         sweep = load_sweep(path_or_sweep, budget)
+    chosen = _selection(sweep, only)
     if workers < 1 or threads < 1:
         raise ConfigError(f"workers and threads must be >= 1 (got workers={workers}, threads={threads})")
     check_scheduler(scheduler)
@@ -722,26 +744,28 @@ def run_sweep(path_or_sweep: str | Path | Sweep, out: str | Path = "runs/sweeps"
     atomic_write_text(root / "sweep.yaml", yaml.safe_dump(sweep.resolved(), sort_keys=False))
     points, trainings = _expand(sweep, root, threads)
 
-    records, errors, todo = {}, {}, []
+    records, errors, todo, not_run = {}, {}, [], set()
     skipped = 0
     for p in points:
-        if p.error:
-            errors[p.id] = p.error
-            _write_error(p.dir, p.error)
-            continue
         done = _read_done(p.dir)
-        if done is None:
-            todo.append(p)
-        elif done.get("config_hash") == p.hash:
+        if done is not None and not p.error and done.get("config_hash") == p.hash:
             records[p.id] = done
             skipped += 1
+        elif not all(p.values[k] in vs for k, vs in chosen.items()):
+            not_run.add(p.id)
+        elif p.error:
+            errors[p.id] = p.error
+            _write_error(p.dir, p.error)
+        elif done is None:
+            todo.append(p)
         else:
             errors[p.id] = (f"{p.dir / DONE} holds the result of another config (hash {done.get('config_hash')}, "
                             f"now {p.hash}); delete the folder to rerun the point")
 
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     say(f"sweep {sweep.name}: {len(points)} points, {skipped} already done, {len(todo)} to run"
-        + (f", {len(errors)} invalid" if errors else "") + f" -> {root}")
+        + (f", {len(errors)} invalid" if errors else "") + (f", {len(not_run)} not selected" if not_run else "")
+        + f" -> {root}")
     t0 = time.perf_counter()
     count = [0]
 
@@ -772,7 +796,7 @@ def run_sweep(path_or_sweep: str | Path | Sweep, out: str | Path = "runs/sweeps"
             else:
                 errors[pid] = res["error"]
 
-    ds, df = gather(sweep, points, records, errors)
+    ds, df = gather(sweep, points, records, errors, not_run)
     write_netcdf(ds, root / "results.nc")
     atomic_write_text(root / "results.csv", df.to_csv(index=False))
     plot(ds, sweep, root / "results.png")
@@ -783,5 +807,5 @@ def run_sweep(path_or_sweep: str | Path | Sweep, out: str | Path = "runs/sweeps"
             say(f"  {pid}: {err}")
     say(f"results in {root / 'results.nc'}")
     return {"name": sweep.name, "dir": str(root), "points": len(points),
-            "done": sum(1 for p in todo if p.id in records), "skipped": skipped, "failed": failed,
+            "done": sum(1 for p in todo if p.id in records), "skipped": skipped, "not_run": len(not_run), "failed": failed,
             "results": str(root / "results.nc"), "dataset": ds}
