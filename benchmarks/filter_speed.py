@@ -2,6 +2,7 @@
 (issue 19). Writes docs/results/filter_speed.{md,json}.
 
     python benchmarks/filter_speed.py [--quick] [--no-dapper] [--dapper-venv /tmp/dapper-venv] [--out PREFIX]
+                                      [--weights DIR]   # another trained a_θ (a run's best/, exported weights)
 
 A cycle is what `run_cycles` does per cycle: truth and observations, forecast of every member, analysis, and
 the statistics (RMSE, spread, divergence check). Lorenz 96 (F 8, Δt 0.05, H = I, R = I); the learned filter is
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from danlab.checkpoint import CheckpointError
 from danlab.cycle import run_cycles
 from danlab.filters.ensemble import EnKF_N
 from danlab.io import atomic_write_text
@@ -55,18 +57,19 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "nice": os.nice(0)}
 
 
-def make_filter(method: str, N: int, model, observer):
+def make_filter(method: str, N: int, model, observer, weights: Path = WEIGHTS):
     if method == "learned":
-        return Learned(checkpoint=str(WEIGHTS)).prepare(model, observer, torch.float32, "cpu")
+        return Learned(checkpoint=str(weights)).prepare(model, observer, torch.float32, "cpu")
     return EnKF_N(N=N, xN=2.0)
 
 
-def measure(method: str, N: int, Nx: int, B: int, threads: int, seconds: float, cycles: int | None = None) -> dict:
+def measure(method: str, N: int, Nx: int, B: int, threads: int, seconds: float, cycles: int | None = None,
+            weights: Path = WEIGHTS) -> dict:
     """Per-cycle wall and CPU time of `cycles` cycles (or as many as fill about `seconds`)."""
     torch.set_num_threads(threads)
     model, observer = Lorenz96(Nx=Nx), Observer(Nx)
     dtype = torch.float32 if method == "learned" else torch.float64
-    filt = make_filter(method, N, model, observer)
+    filt = make_filter(method, N, model, observer, weights)
     ids = list(range(B))
 
     def run(k):
@@ -112,12 +115,12 @@ def best_us(fn, n: int) -> float:
     return 1e6 * t
 
 
-def profile_learned(Nx: int, reps: int = 200) -> dict:
+def profile_learned(Nx: int, reps: int = 200, weights: Path = WEIGHTS) -> dict:
     """Microseconds per cycle of each part of a learned-filter cycle, each timed alone on the same tensors (CPU
     time, threads 1, best of 5), and the whole cycle from run_cycles; 'Python and the rest' is the difference."""
     torch.set_num_threads(1)
     model, observer = Lorenz96(Nx=Nx), Observer(Nx)
-    filt = make_filter("learned", 1, model, observer)
+    filt = make_filter("learned", 1, model, observer, weights)
     net = filt.net
     twin = TwinStream(model, observer, 1, 0, ids=[0], dtype=torch.float32, spinup_time=10.0)
     E = twin.x.unsqueeze(1).clone()
@@ -237,7 +240,7 @@ def report(out: dict) -> str:
              "The machine was otherwise idle when the run started; ")
           + "the ratios compare numbers measured in the same run, repetitions interleaved, the fastest kept.\n",
           "Per cycle: truth and observations, forecast of every member, analysis, statistics (`run_cycles`). "
-          "a_θ: weights/l96_nf40_ne1, one state, float32. EnKF-N: xN 2, float64.\n"]
+          f"a_θ: {out.get('weights', 'weights/l96_nf40_ne1')}, one state, float32. EnKF-N: xN 2, float64.\n"]
     for t in sorted({r["threads"] for r in rows}):
         for B in sorted({r["B"] for r in rows}):
             table = []
@@ -451,7 +454,12 @@ def main() -> None:
     ap.add_argument("--no-dapper", action="store_true")
     ap.add_argument("--dapper-venv", default="/tmp/dapper-venv", help="virtual environment holding DAPPER")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "filter_speed"), help="output prefix")
+    ap.add_argument("--weights", type=Path, default=WEIGHTS, help="the a_θ to time (default: the shipped one)")
     a = ap.parse_args()
+    try:  # a bad checkpoint is refused before the runs
+        make_filter("learned", 1, Lorenz96(Nx=40), Observer(40), a.weights)
+    except CheckpointError as exc:
+        ap.error(f"--weights {exc}")
     seconds = a.seconds or (0.25 if a.quick else 0.5)
     reps = a.reps or (1 if a.quick else 2)
     load0 = [round(x, 2) for x in os.getloadavg()]
@@ -465,13 +473,14 @@ def main() -> None:
     cycles, best = {}, {}
     for rep in range(reps):
         for cfg in configs:
-            r = measure(*cfg, seconds=seconds, cycles=cycles.get(cfg))
+            r = measure(*cfg, seconds=seconds, cycles=cycles.get(cfg), weights=a.weights)
             cycles[cfg] = r["cycles"]  # the same number of cycles in every repetition
             if cfg not in best or r["wall_ms"] < best[cfg]["wall_ms"]:
                 best[cfg] = dict(r, cpu_ms=min(r["cpu_ms"], best.get(cfg, r)["cpu_ms"]))
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
-    profile = [profile_learned(Nx, 100 if a.quick else 200) for Nx in ((40,) if a.quick else (40, 160))]
+    profile = [profile_learned(Nx, 100 if a.quick else 200, a.weights) for Nx in ((40,) if a.quick else (40, 160))]
     out = {"command": command_line(), "provenance": provenance(), "machine": machine(), "load_before": load0,
+           "weights": os.path.relpath(a.weights.resolve(), ROOT),
            "rows": [best[c] for c in configs], "profile": profile, "notes": NOTES}
     if py:
         dapper.append(run_dapper(py, dapper_cycles))
